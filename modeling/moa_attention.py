@@ -1,0 +1,117 @@
+"""MoA attention: one entry point that routes prefill, chunked prefill and decode to a backend.
+
+``MOA_BACKEND`` = ``auto`` (Triton on CUDA when available, else torch) | ``torch`` | ``triton``.
+The torch path is the pure-torch reference (``moa_reference.py``); the Triton path uses the kernels
+in ``moa_prefill.py`` / ``moa_decode.py``. Both follow the contract in ``moa_spans.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .moa_cache import MoaCacheLayer
+from .moa_reference import moa_attention_ref
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_kernels():
+    """The Triton kernel modules, or None when triton (or a GPU / the interpreter) is not there."""
+    try:
+        from . import moa_decode, moa_prefill
+    except ImportError:
+        return None
+    if not (getattr(moa_prefill, "HAS_TRITON", False) and getattr(moa_decode, "HAS_TRITON", False)):
+        return None
+    return moa_prefill, moa_decode
+
+
+def select_backend(device: torch.device) -> str:
+    """Resolve MOA_BACKEND for tensors on ``device``: 'torch' or 'triton'."""
+    choice = os.environ.get("MOA_BACKEND", "auto").strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"MOA_BACKEND={choice!r} is not one of {BACKENDS}: unset it or pick one of those")
+    if choice == "torch":
+        return "torch"
+    runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if choice == "triton":
+        if _triton_kernels() is None or not runnable:
+            raise RuntimeError(
+                "MOA_BACKEND=triton needs triton and a CUDA device (or TRITON_INTERPRET=1): "
+                "install triton, or set MOA_BACKEND=torch"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and _triton_kernels() is not None else "torch"
+
+
+def _rules(alpha: list[float], beta: list[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor(alpha, dtype=torch.float64, device=device),
+        torch.tensor(beta, dtype=torch.float64, device=device),
+    )
+
+
+def moa_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_pos: torch.Tensor,
+    layer: MoaCacheLayer | None,
+    alpha: list[float],
+    beta: list[float],
+    sink: int,
+    min_span: int,
+    scale: float,
+) -> torch.Tensor:
+    """MoA attention of a chunk, reading and then updating ``layer`` (the layer's cache) if given.
+
+    query: [B, Hq, L, D]; key/value: [B, Hkv, L, D] after RoPE; q_pos: [B, L] position ids, -1 = padding.
+    Returns [B, Hq, L, D] (zeros for padding queries).
+    """
+    backend = select_backend(query.device)
+    a, b = _rules(alpha, beta, query.device)
+    if layer is not None and layer.is_initialized and layer.seq_len > 0 and query.shape[2] == 1:
+        layer.write(key, value, q_pos)  # a single token never evicts a key of its own window
+        return _decode(query, layer, q_pos[:, 0], a, b, sink, min_span, scale, backend)
+    if layer is not None and layer.is_initialized and layer.seq_len > 0:
+        out = _chunk_over_cache(query, key, value, q_pos, layer, a, b, sink, min_span, scale, backend)
+    else:
+        out = _prefill(query, key, value, q_pos, a, b, sink, min_span, scale, backend)
+    if layer is not None:
+        layer.write(key, value, q_pos)
+    return out
+
+
+def _prefill(query, key, value, q_pos, a, b, sink, min_span, scale, backend):
+    if backend == "triton":
+        return _triton_kernels()[0].moa_prefill(query, key, value, q_pos, a, b, sink, min_span, scale=scale)
+    return moa_attention_ref(query, key, value, q_pos, q_pos, a, b, sink, min_span, scale=scale)
+
+
+def _chunk_over_cache(query, key, value, q_pos, layer, a, b, sink, min_span, scale, backend):
+    if backend == "triton":
+        prefill = _triton_kernels()[0]
+        return prefill.moa_prefill_with_cache(
+            query, key, value, q_pos, layer.keys, layer.values, layer.slot_pos,
+            layer.head_offset, layer.head_capacity, a, b, sink, min_span, scale=scale,
+        )  # fmt: skip
+    old_k, old_v, old_pos = layer.padded_heads()  # [B, Hkv, Cmax, D], [B, Hkv, Cmax]
+    num_heads = key.shape[1]
+    new_pos = q_pos[:, None, :].expand(-1, num_heads, -1)
+    keys = torch.cat([old_k, key.to(old_k.dtype)], dim=2)
+    values = torch.cat([old_v, value.to(old_v.dtype)], dim=2)
+    k_pos = torch.cat([old_pos.to(torch.int64), new_pos], dim=2)
+    return moa_attention_ref(query, keys, values, q_pos, k_pos, a, b, sink, min_span, scale=scale)
+
+
+def _decode(query, layer, q_pos, a, b, sink, min_span, scale, backend):
+    if backend == "triton":
+        decode = _triton_kernels()[1]
+        return decode.moa_decode(
+            query, layer.keys, layer.values, layer.slot_pos, layer.head_offset,
+            layer.head_capacity, q_pos, a, b, sink, min_span, scale=scale,
+        )  # fmt: skip
+    keys, values, k_pos = layer.padded_heads()
+    return moa_attention_ref(query, keys, values, q_pos[:, None], k_pos, a, b, sink, min_span, scale=scale)

@@ -1,0 +1,210 @@
+"""A KV cache whose memory is the sum of per-head spans.
+
+Layout (docs/internals.md): per layer, ``keys``/``values`` ``[B, C + 1, D]`` with every kv head's slots
+side by side (head g owns ``[offset_g, offset_g + cap_g)``) and one trash slot at the end;
+``slot_pos`` ``[B, C + 1]`` holds the position id stored in each slot (-1 = empty). Inside a head,
+sink positions ``p < sink`` sit at ``offset_g + p`` and the recent window is a ring of
+``cap_g - sink`` slots. A write is one scatter with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .moa_spans import span_at
+
+# Growth policy of a dynamic cache: a head that outgrows its ring gets room for the span at twice the
+# length, but never more than 10% + GROWTH_SLACK slots over its span now (memory follows the spans).
+GROWTH_SLACK = 32
+
+
+def slot_of(pos: torch.Tensor, offset: torch.Tensor, capacity: torch.Tensor, sink: int) -> torch.Tensor:
+    """Slot index of position ``pos`` in a head with ``offset``/``capacity`` (tensors broadcast)."""
+    ring = capacity - sink
+    return offset + torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, ring))
+
+
+class MoaCacheLayer(CacheLayerMixin):
+    """The ragged per-head cache of one decoder layer."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, alpha: list[float], beta: list[float], sink: int, min_span: int, max_cache_len: int | None = None):
+        super().__init__()
+        self.alpha = [float(a) for a in alpha]
+        self.beta = [float(b) for b in beta]
+        self.sink = int(sink)
+        self.min_span = int(min_span)
+        self.max_cache_len = max_cache_len
+        self.capacity: list[int] = []  # host copy of cap_g
+        self.seq_len = 0  # tokens appended so far, padding included (host int)
+        self.slot_pos: torch.Tensor | None = None
+
+    # -- sizes --------------------------------------------------------------------------------
+    def span(self, head: int, n: int) -> int:
+        return span_at(n, self.alpha[head], self.beta[head], self.sink, self.min_span)
+
+    def required_capacity(self, head: int, n: int) -> int:
+        return max(self.sink + 1, self.span(head, n))
+
+    def planned_capacity(self, head: int, n: int) -> int:
+        """Slots to give head ``head`` when it must hold length ``n``."""
+        if self.max_cache_len is not None:
+            return self.required_capacity(head, max(n, self.max_cache_len))
+        need = self.required_capacity(head, n)
+        roomy = min(self.span(head, 2 * n), math.floor(1.1 * self.span(head, n)) + GROWTH_SLACK)
+        return max(need, roomy)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.alpha)
+
+    # -- transformers Cache API -----------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        bsz, _, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._allocate(bsz, head_dim, [0] * self.num_heads)
+        self.next_pos = torch.zeros(bsz, dtype=torch.int64, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("MoaCacheLayer is written by MoA attention (moa_attention.py), not by Cache.update")
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.slot_pos.fill_(-1)
+            self.next_pos.zero_()
+        self.seq_len = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            indices = indices.to(self.device)
+            for name in ("keys", "values", "slot_pos", "next_pos"):
+                setattr(self, name, getattr(self, name).index_select(0, indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "slot_pos", "next_pos"):
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    # -- storage --------------------------------------------------------------------------------
+    def _allocate(self, bsz: int, head_dim: int, capacity: list[int]) -> None:
+        self.capacity = list(capacity)
+        total = sum(capacity) + 1  # + trash slot
+        self.keys = torch.zeros(bsz, total, head_dim, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros_like(self.keys)
+        self.slot_pos = torch.full((bsz, total), -1, dtype=torch.int32, device=self.device)
+        offsets = [0]
+        for cap in capacity[:-1]:
+            offsets.append(offsets[-1] + cap)
+        self.head_offset = torch.tensor(offsets, dtype=torch.int64, device=self.device)
+        self.head_capacity = torch.tensor(capacity, dtype=torch.int64, device=self.device)
+        self.trash_slot = total - 1
+
+    def reserve(self, n: int) -> None:
+        """Make every head's ring large enough for length ``n`` (re-placing stored tokens if it grows)."""
+        if all(cap >= self.required_capacity(g, n) for g, cap in enumerate(self.capacity)):
+            return
+        if self.max_cache_len is not None and self.capacity[0] > 0:
+            raise ValueError(
+                f"MoA static cache holds at most {self.max_cache_len} tokens, asked for {n}: "
+                "create it with a larger max_cache_len"
+            )
+        old = (self.keys, self.values, self.slot_pos, self.head_offset, self.head_capacity)
+        new_caps = [max(cap, self.planned_capacity(g, n)) for g, cap in enumerate(self.capacity)]
+        self._allocate(self.keys.shape[0], self.keys.shape[-1], new_caps)
+        self._replace(*old)
+
+    def _replace(self, keys, values, slot_pos, head_offset, head_capacity) -> None:
+        """Copy live tokens of an old layout into the current one."""
+        slots = torch.arange(slot_pos.shape[1] - 1, device=self.device)  # old slots without the trash
+        head = torch.bucketize(slots, head_offset, right=True) - 1  # [C_old] head of each old slot
+        pos = slot_pos[:, :-1].to(torch.int64)  # [B, C_old]
+        live = pos >= 0
+        new_slot = slot_of(pos.clamp(min=0), self.head_offset[head], self.head_capacity[head], self.sink)
+        new_slot = torch.where(live, new_slot, torch.full_like(new_slot, self.trash_slot))
+        self._scatter(new_slot, keys[:, :-1], values[:, :-1], torch.where(live, pos, -1))
+
+    def _scatter(self, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        # slot, pos: [B, T]; keys/values: [B, T, D]
+        index = slot.unsqueeze(-1).expand_as(keys)
+        self.keys.scatter_(1, index, keys.to(self.dtype))
+        self.values.scatter_(1, index, values.to(self.dtype))
+        self.slot_pos.scatter_(1, slot, pos.to(torch.int32))
+        self.slot_pos[:, self.trash_slot] = -1
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """Append a chunk. key/value: [B, Hkv, L, D]; q_pos: [B, L] position ids, -1 for padding."""
+        if not self.is_initialized:
+            self.lazy_initialization(key, value)
+        bsz, num_heads, length, head_dim = key.shape
+        self.seq_len += length
+        self.reserve(self.seq_len)
+        pos = q_pos[:, None, :].expand(bsz, num_heads, length)  # [B, Hkv, L]
+        last = pos.amax(dim=-1, keepdim=True)  # [B, Hkv, 1] newest position of each row
+        ring = (self.head_capacity - self.sink).view(1, num_heads, 1)
+        keep = (pos >= 0) & ((pos < self.sink) | (pos > last - ring))
+        offset = self.head_offset.view(1, num_heads, 1)
+        capacity = self.head_capacity.view(1, num_heads, 1)
+        slot = slot_of(pos.clamp(min=0), offset, capacity, self.sink)
+        slot = torch.where(keep, slot, torch.full_like(slot, self.trash_slot))
+        self._scatter(
+            slot.reshape(bsz, -1),
+            key.reshape(bsz, num_heads * length, head_dim),
+            value.reshape(bsz, num_heads * length, head_dim),
+            torch.where(keep, pos, -1).reshape(bsz, -1),
+        )
+        self.next_pos += (q_pos >= 0).sum(dim=-1)
+
+    def padded_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's slots as a padded view: keys/values [B, Hkv, Cmax, D], positions [B, Hkv, Cmax]."""
+        width = max(self.capacity)
+        col = torch.arange(width, device=self.device)
+        index = self.head_offset[:, None] + col  # [Hkv, Cmax]
+        index = torch.where(col < self.head_capacity[:, None], index, self.trash_slot).reshape(-1)
+        bsz, _, head_dim = self.keys.shape
+        keys = self.keys.index_select(1, index).view(bsz, self.num_heads, width, head_dim)
+        values = self.values.index_select(1, index).view(bsz, self.num_heads, width, head_dim)
+        pos = self.slot_pos.index_select(1, index).view(bsz, self.num_heads, width)
+        return keys, values, pos
+
+    def nbytes(self) -> int:
+        """Bytes of the K and V tensors (what the spans cost)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class MoaCache(Cache):
+    """One MoaCacheLayer per decoder layer, built from the config's ``moa`` plan.
+
+    ``max_cache_len`` makes it static: each head gets S(max_cache_len) slots up front and never grows.
+    """
+
+    def __init__(self, config, max_cache_len: int | None = None):
+        plan = config.moa
+        layers = [
+            MoaCacheLayer(alpha, beta, plan["sink"], plan["min_span"], max_cache_len)
+            for alpha, beta in zip(plan["alpha"], plan["beta"])
+        ]
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

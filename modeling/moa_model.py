@@ -1,0 +1,128 @@
+"""What MoA changes in a decoder-only model, as mixins over the transformers classes.
+
+- attention: same projections and RoPE, then ``moa_attention`` (per-head spans, ragged cache);
+- model: positions from the 2D padding mask (left padding does not count), a ``MoaCache``;
+- causal LM: ``generate()`` starts with a ``MoaCache``.
+Everything else (weights, MLP, norms, heads, loss) is the base model's. Works with transformers
+5.x both before and after ``past_key_values`` was renamed ``cache``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .moa_attention import moa_attention
+from .moa_cache import MoaCache
+
+
+def cache_argument(forward) -> str:
+    """Name of the cache argument of a transformers forward: 'cache' (>= 5.24) or 'past_key_values'."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _pick_cache(kwargs: dict):
+    """Pop the cache from kwargs under either name."""
+    cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+class MoaAttentionMixin:
+    """Replaces the attention computation of a base attention module; keeps its weights and RoPE."""
+
+    apply_rotary_pos_emb = None  # set by each architecture file
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = _pick_cache(kwargs)
+        moa_positions = kwargs.pop("moa_positions")
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hq, L, D]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, L, D]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = type(self).apply_rotary_pos_emb(query, key, cos, sin)
+        plan = self.config.moa
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        out = moa_attention(
+            query, key, value, moa_positions, layer_cache,
+            plan["alpha"][self.layer_idx], plan["beta"][self.layer_idx], plan["sink"], plan["min_span"], self.scaling,
+        )  # fmt: skip
+        out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()  # [B, L, Hq * D]
+        return self.o_proj(out), None
+
+
+def moa_positions(attention_mask, position_ids, cache, bsz: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of the new tokens for RoPE, and the same with -1 at padding for MoA.
+
+    attention_mask: [B, past + L] of 0/1 (left padding = 0) or None; position_ids: [B, L] or None.
+    """
+    valid = torch.ones(bsz, length, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("MoA models take a 2D padding mask [batch, length], not a 4D attention mask")
+        valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = attention_mask.to(device=device, dtype=torch.long).cumsum(-1)[:, -length:] - 1
+        else:
+            start = cache.layers[0].next_pos if cache is not None and cache.layers[0].is_initialized else 0
+            position_ids = torch.arange(length, device=device)[None, :] + torch.as_tensor(start, device=device).view(-1, 1)
+            position_ids = position_ids.expand(bsz, length)
+    position_ids = position_ids.to(device).expand(bsz, length)
+    q_pos = torch.where(valid, position_ids, torch.full_like(position_ids, -1))
+    return position_ids.clamp(min=0), q_pos
+
+
+class MoaModelMixin:
+    """The decoder stack with MoA attention in every layer and a MoaCache."""
+
+    moa_attention_class = None  # set by each architecture file
+
+    def _install_moa_attention(self, config) -> None:
+        self.config.validate_moa()
+        for idx, layer in enumerate(self.layers):
+            layer.self_attn = self.moa_attention_class(config, idx)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
+        cache = _pick_cache(kwargs)
+        for unsupported in ("output_attentions",):
+            if kwargs.pop(unsupported, False):
+                raise ValueError(f"MoA models do not support {unsupported}=True")
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and not isinstance(cache, MoaCache):
+            if cache.get_seq_length() > 0:
+                raise TypeError(f"MoA models need a MoaCache, got a filled {type(cache).__name__}")
+            cache = None  # an empty default cache from generate(): replaced by a MoaCache
+        if use_cache and cache is None:
+            cache = MoaCache(self.config)
+        bsz, length = inputs_embeds.shape[:2]
+        rope_ids, q_pos = moa_positions(attention_mask, position_ids, cache, bsz, length, inputs_embeds.device)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=rope_ids)
+        cache_kw = cache_argument(type(self.layers[0]).forward)
+        hidden_states = inputs_embeds
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(
+                hidden_states, attention_mask=None, position_ids=rope_ids, position_embeddings=position_embeddings,
+                use_cache=use_cache, moa_positions=q_pos, **{cache_kw: cache}, **kwargs,
+            )  # fmt: skip
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{cache_kw: cache if use_cache else None})
+
+
+class MoaForCausalLMMixin:
+    """generate() starts from a MoaCache sized for the whole generation (no regrowth while decoding)."""
+
+    def generate(self, *args, **kwargs):
+        cache_kw = cache_argument(type(self).forward)
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            kwargs[cache_kw] = MoaCache(self.config)
+        return super().generate(*args, **kwargs)
