@@ -1,0 +1,180 @@
+"""The MoA remote code against the contract: dense equivalence, float64 reference, cache paths, padding."""
+
+from __future__ import annotations
+
+import copy as copy_module
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from conftest import build_dense, build_moa, dense_plan, random_plan
+from moa_hub.remote import remote_module
+
+spans = remote_module("moa_spans")
+CACHE_KW = lambda model: remote_module("moa_model").cache_argument(type(model).forward)  # noqa: E731
+LENGTH = 37  # ragged: not a multiple of anything
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def _cache_of(output):
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+# -- the float64 reference: the dense HF model with an eager attention that applies the per-head mask ---
+_REFERENCE_PLAN: dict = {}
+
+
+def _contract_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    plan, layer = _REFERENCE_PLAN, module.layer_idx
+    num_kv_heads, length = key.shape[1], key.shape[2]
+    group = query.shape[1] // num_kv_heads
+    pos = torch.arange(length)
+    alpha = torch.tensor(plan["alpha"][layer], dtype=torch.float64).view(num_kv_heads, 1, 1)
+    beta = torch.tensor(plan["beta"][layer], dtype=torch.float64).view(num_kv_heads, 1, 1)
+    visible = spans.visible_mask(pos.expand(num_kv_heads, length), pos, alpha, beta, plan["sink"], plan["min_span"])
+    visible = visible.repeat_interleave(group, dim=0)  # [Hq, L, L]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return (probs @ value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("moa_contract_reference_test", _contract_attention)
+
+
+def contract_reference_logits(dense, plan: dict, ids: torch.Tensor) -> torch.Tensor:
+    reference = build_dense_copy(dense).double()
+    reference.set_attn_implementation("moa_contract_reference_test")
+    _REFERENCE_PLAN.clear()
+    _REFERENCE_PLAN.update(plan)
+    return _logits(reference, ids, use_cache=False)
+
+
+def build_dense_copy(dense):
+    copy = type(dense)(copy_module.deepcopy(dense.config)).eval()  # never share (and mutate) the config
+    copy.load_state_dict(dense.state_dict())
+    return copy
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_spans_covering_everything_give_the_dense_model(arch_kv):
+    arch, kv = arch_kv
+    dense = build_dense(arch, kv)
+    moa = build_moa(dense, dense_plan(2, kv))
+    ids = torch.randint(0, 101, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    assert rel_err(_logits(moa, ids, use_cache=False), _logits(dense, ids)) < 1e-5
+    assert rel_err(_logits(moa, ids, use_cache=True), _logits(dense, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_random_plan_matches_float64_contract_reference(arch_kv, seed):
+    arch, kv = arch_kv
+    dense = build_dense(arch, kv, seed=seed)
+    plan = random_plan(2, kv, seed=seed)
+    moa = build_moa(dense, plan)
+    ids = torch.randint(0, 101, (2, LENGTH), generator=torch.Generator().manual_seed(seed))
+    expected = contract_reference_logits(dense, plan, ids)
+    assert rel_err(_logits(moa, ids, use_cache=False), expected) < 1e-4
+    # the plan really is sparse: the dense model's logits differ
+    assert rel_err(_logits(dense, ids), expected) > 1e-3
+
+
+def _run_in_chunks(model, ids, cuts):
+    cache, outputs, start = None, [], 0
+    with torch.no_grad():
+        for stop in [*cuts, ids.shape[1]]:
+            kwargs = {} if cache is None else {CACHE_KW(model): cache}
+            out = model(ids[:, start:stop], use_cache=True, **kwargs)
+            cache, start = _cache_of(out), stop
+            outputs.append(out.logits)
+    return torch.cat(outputs, dim=1), cache
+
+
+def test_decode_chunked_prefill_and_multiturn_agree_with_one_prefill(arch_kv):
+    arch, kv = arch_kv
+    dense = build_dense(arch, kv, seed=5)
+    moa = build_moa(dense, random_plan(2, kv, seed=5))
+    ids = torch.randint(0, 101, (2, LENGTH), generator=torch.Generator().manual_seed(5))
+    full = _logits(moa, ids, use_cache=False)
+    token_by_token, _ = _run_in_chunks(moa, ids, list(range(1, LENGTH)))
+    chunked, _ = _run_in_chunks(moa, ids, [13, 20, 21])  # chunks longer than some rings, then a single token
+    multiturn, _ = _run_in_chunks(moa, ids, [29])  # prefill, then continue with a second turn
+    for logits in (token_by_token, chunked, multiturn):
+        assert rel_err(logits, full) < 1e-5
+
+
+def test_generate_greedy_same_with_and_without_cache(arch_kv):
+    arch, kv = arch_kv
+    dense = build_dense(arch, kv, seed=7)
+    moa = build_moa(dense, random_plan(2, kv, seed=7))
+    ids = torch.randint(0, 101, (1, 23), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with_cache = moa.generate(ids, use_cache=True, **kwargs)
+    without_cache = moa.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without_cache)
+    assert with_cache.shape[1] == 23 + 12
+
+
+def test_left_padded_batch_rows_equal_rows_alone(arch_kv):
+    arch, kv = arch_kv
+    dense = build_dense(arch, kv, seed=9)
+    moa = build_moa(dense, random_plan(2, kv, seed=9))
+    gen = torch.Generator().manual_seed(9)
+    long_row, short_row = torch.randint(1, 101, (LENGTH,), generator=gen), torch.randint(1, 101, (25,), generator=gen)
+    pad = LENGTH - 25
+    batch = torch.stack([long_row, torch.cat([torch.zeros(pad, dtype=torch.long), short_row])])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    for use_cache in (False, True):
+        logits = _logits(moa, batch, attention_mask=mask, use_cache=use_cache)
+        assert rel_err(logits[0], _logits(moa, long_row[None], use_cache=False)[0]) < 1e-5
+        assert rel_err(logits[1, pad:], _logits(moa, short_row[None], use_cache=False)[0]) < 1e-5
+    # padded batched generation == each row generated alone
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    batched = moa.generate(batch, attention_mask=mask, **kwargs)
+    alone = moa.generate(short_row[None], attention_mask=torch.ones(1, 25, dtype=torch.long), **kwargs)
+    assert torch.equal(batched[1, pad:], alone[0])
+
+
+def test_cache_memory_follows_spans_not_length():
+    plan = dict(format_version=1, sink=64, min_span=128, alpha=[[150.0, 0.0], [200.0, -50.0]], beta=[[0.0, 0.3], [0.1, 0.5]])
+    dense = build_dense("llama", 2, seed=13)
+    moa = build_moa(dense, plan)
+    ids = torch.randint(0, 101, (2, 700), generator=torch.Generator().manual_seed(13))
+    _, cache = _run_in_chunks(moa, ids[:, :400], [])
+    head_dim, batch = 16, 2
+    checked = 0
+    with torch.no_grad():
+        for n in range(400, 700):
+            if n > 400:
+                cache = _cache_of(moa(ids[:, n - 1 : n], use_cache=True, **{CACHE_KW(moa): cache}))
+            if n % 37 and n != 699:
+                continue
+            for layer in range(2):
+                span_sum = sum(spans.span_at(n, a, b, 64, 128) for a, b in zip(plan["alpha"][layer], plan["beta"][layer]))
+                bound = (1.1 * span_sum + 64 * 2) * head_dim * 2 * 4 * batch
+                assert cache.layers[layer].nbytes() <= bound, (n, layer)
+            checked += 1
+    assert checked >= 8
+    dense_bytes = 2 * 2 * 700 * head_dim * 2 * 4 * batch  # layers x heads x n x D x (K, V) x fp32 x batch
+    assert cache.nbytes() < 0.75 * dense_bytes
+
+
+def test_plan_that_does_not_fit_the_model_is_rejected():
+    dense = build_dense("llama", 2)
+    with pytest.raises(ValueError, match=r"shape"):
+        build_moa(dense, random_plan(3, 2, seed=0))
+    bad = random_plan(2, 2, seed=0)
+    bad["beta"][0][1] = 1.5
+    with pytest.raises(ValueError, match=r"beta"):
+        build_moa(dense, bad)
