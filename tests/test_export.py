@@ -266,3 +266,22 @@ def test_inspect_report_numbers(tmp_path):
     assert report_lengths(131072)[-1] == 131072 and report_lengths(512) == [512]
     with pytest.raises(PlanError, match="holds no MoA plan"):
         inspect_folder(tmp_path)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_failure_while_writing_leaves_nothing_half_done(base_models, tmp_path, monkeypatch, overwrite):
+    import moa_hub.export as export_module
+
+    base = base_models["mistral"]
+    plan_path = plan_for(base, tmp_path / "plan.json", seed=6)
+    out = tmp_path / "out"
+    if overwrite:
+        export(ExportConfig(model=str(base), plan=plan_path, output=out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if overwrite else None
+    vanished = tmp_path / "gone" / "moa_vanished.py"  # a remote file that disappears mid-copy
+    monkeypatch.setattr(export_module, "remote_files", lambda: [*remote_files(), vanished])
+    with pytest.raises(FileNotFoundError):
+        export(ExportConfig(model=str(base), plan=plan_path, output=out, overwrite=overwrite))
+    assert entries(tmp_path) == ({"plan.json", "out"} if overwrite else {"plan.json"})
+    if overwrite:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
