@@ -113,9 +113,9 @@ def remote_code_files(folder: ModelFolder) -> list[Path]:
         raise ExportError(
             f"remote-code files {duplicates} exist in both modeling/ and kernels/: rename one (they are copied flat)"
         )
-    for needed in ("configuration_moa.py", folder.architecture.modeling_file):
-        if needed not in names:
-            logger.warning("remote-code file %s is missing: the exported folder will not load until it exists", needed)
+    missing = [n for n in ("configuration_moa.py", folder.architecture.modeling_file) if n not in names]
+    if missing:
+        raise ExportError(f"remote-code files {missing} are missing from this moa-hub install: reinstall moa-hub")
     return files
 
 

@@ -1,0 +1,46 @@
+"""Turn a loaded dense model into its MoA twin (same weight tensors), and switch plans in place.
+
+The converter measures plans with the remote code users run: the twin is built from the same
+``modeling_moa_*`` classes a converted repo ships.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+from .model_folder import SUPPORTED_ARCHITECTURES
+from .plan import MoaPlan
+from .remote import remote_module
+
+
+def _architecture(model):
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"architecture {name!r} is not supported: use one of {sorted(SUPPORTED_ARCHITECTURES)}")
+    return SUPPORTED_ARCHITECTURES[name]
+
+
+def moa_twin(dense: torch.nn.Module, plan: MoaPlan) -> torch.nn.Module:
+    """A MoA model that shares every weight tensor with ``dense`` and runs ``plan``."""
+    arch = _architecture(dense)
+    plan.check_fits(dense.config.num_hidden_layers, dense.config.num_key_value_heads)
+    config_cls = getattr(remote_module("configuration_moa"), arch.config_class)
+    config = config_cls(**{**dense.config.to_dict(), "moa": plan.to_dict()})
+    config._attn_implementation = dense.config._attn_implementation
+    model_cls = getattr(remote_module(Path(arch.modeling_file).stem), arch.model_class)
+    with torch.device("meta"):
+        twin = model_cls(config)
+    twin.load_state_dict(dense.state_dict(), assign=True)
+    for name, buffer in dense.named_buffers():  # non-persistent buffers (RoPE frequencies) too
+        module_name, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(module_name), attr, buffer)
+    return twin.eval().requires_grad_(False)
+
+
+def set_plan(twin: torch.nn.Module, plan: MoaPlan) -> None:
+    """Run ``plan`` from now on (the attention reads the plan from the config at every call)."""
+    plan.check_fits(twin.config.num_hidden_layers, twin.config.num_key_value_heads)
+    twin.config.moa = plan.to_dict()
