@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".png")
+LFS_SUFFIXES = (".safetensors", ".bin")
 BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 PIPELINE_TAGS = {"text-generation", "text2text-generation", "feature-extraction"}
 
@@ -213,14 +213,15 @@ def _make_handler(hub: FakeHub):
             with hub.lock:
                 hub.requests.append((method, split.path, auth))
             length = int(self.headers.get("Content-Length") or 0)
-            routes = Routes(hub, self, method, split.path, parse_qs(split.query), auth, length)
+            routes = None
             try:
+                routes = Routes(hub, self, method, split.path, parse_qs(split.query), auth, length)
                 status, headers, body = routes.handle()
             except HubHTTPError as err:
                 headers = {"X-Error-Message": err.message, "Content-Type": "application/json"}
                 if err.code:
                     headers["X-Error-Code"] = err.code
-                if err.code == "EntryNotFound" and routes.commit_sha:
+                if err.code == "EntryNotFound" and routes is not None and routes.commit_sha:
                     headers["X-Repo-Commit"] = routes.commit_sha
                 status, body = err.status, json.dumps({"error": err.message}).encode()
             except ConnectionError:

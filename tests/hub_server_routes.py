@@ -8,7 +8,7 @@ import posixpath
 import re
 from urllib.parse import parse_qs, unquote
 
-from hub_server import Entry, FakeHub, HubHTTPError, b64decode, decode_ndjson, git_blob_sha, validate_card_yaml
+from hub_server import LFS_SUFFIXES, Entry, FakeHub, HubHTTPError, b64decode, decode_ndjson, git_blob_sha, validate_card_yaml
 
 JSON = {"Content-Type": "application/json"}
 API_REPO = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit|branch|lfs-files)(/.*)?)?$")
@@ -26,10 +26,10 @@ class Routes:
         self.hub, self.handler, self.method, self.query, self.length = hub, handler, method, query, length
         self.path = path
         self.commit_sha: str | None = None
-        self.user = hub.user_of(auth) if auth is not None else None
         self._body: bytes | None = None
         if not LFS_PUT.match(path):
             self.body()  # read it now so that an error answer leaves the connection clean
+        self.user = hub.user_of(auth) if auth is not None else None
 
     def body(self) -> bytes:
         if self._body is None:
@@ -132,7 +132,7 @@ class Routes:
         for item in json.loads(self.body())["files"]:
             if not isinstance(item.get("size"), int) or not isinstance(item.get("sample"), str):
                 raise HubHTTPError(400, f"bad preupload item {item}")
-            lfs = item["path"].endswith((".safetensors", ".bin", ".png")) or item["size"] > 10_000_000
+            lfs = item["path"].endswith(LFS_SUFFIXES) or item["size"] > 10_000_000
             existing = files.get(item["path"])
             out.append(
                 {
