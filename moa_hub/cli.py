@@ -40,3 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     except MoaHubError as err:
         typer.secho(f"Error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,7 +52,10 @@ class PlanSummary:
 
     def span_grid(self, n: int) -> list[list[int]]:
         span_at = remote_module("moa_spans").span_at
-        return [[span_at(n, a, b, self.sink, self.min_span) for a, b in zip(ra, rb)] for ra, rb in zip(self.alpha, self.beta)]
+        return [
+            [span_at(n, a, b, self.sink, self.min_span) for a, b in zip(ra, rb, strict=True)]
+            for ra, rb in zip(self.alpha, self.beta, strict=True)
+        ]
 
     def density_at(self, n: int) -> float:
         return remote_module("moa_spans").kv_density(self.alpha, self.beta, n, self.sink, self.min_span)

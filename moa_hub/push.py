@@ -77,7 +77,9 @@ def push_folder(folder: Path, config: PushConfig) -> PushResult:
     except HubError:
         raise
     except KeyboardInterrupt:
-        raise HubError(f"Push to {config.repo_id} interrupted before its commit. {retry_hint(folder, config)}") from None
+        raise HubError(
+            f"Push to {config.repo_id} interrupted before its commit. {retry_hint(folder, config)}"
+        ) from None
     except Exception as err:  # noqa: BLE001 (one clear message; the original goes to the debug log)
         logger.debug("push failed: %s", scrub(repr(err), config.token))
         message = explain_hub_error(err, config.repo_id, "push to", token=config.token, endpoint=api.endpoint)
@@ -90,7 +92,13 @@ def _push(api, folder: Path, plan: dict, config: PushConfig) -> PushResult:
     files = plan_files(api, folder, plan, remote, config)
     repo_url = f"{api.endpoint}/{config.repo_id}"
     for item in files:
-        logger.info("%-9s %s (%d bytes)%s", item.action, item.path_in_repo, item.size, f" from {item.source}" if item.source else "")
+        logger.info(
+            "%-9s %s (%d bytes)%s",
+            item.action,
+            item.path_in_repo,
+            item.size,
+            f" from {item.source}" if item.source else "",
+        )
     if config.dry_run:
         return PushResult(repo_url=repo_url, files=files, dry_run=True)
     api.create_repo(config.repo_id, private=config.private, exist_ok=True, repo_type="model")
@@ -133,7 +141,9 @@ def _remote_files(api, repo_id: str, revision: str | None) -> dict:
 
 def local_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part in SKIPPED_PARTS for part in p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part in SKIPPED_PARTS for part in p.relative_to(folder).parts)
     )
 
 
@@ -195,7 +205,9 @@ def _operations(folder: Path, files: list[PlannedFile], plan: dict) -> list:
                 )
             )
         elif item.action == "upload":
-            ops.append(CommitOperationAdd(path_in_repo=item.path_in_repo, path_or_fileobj=str(folder / item.path_in_repo)))
+            ops.append(
+                CommitOperationAdd(path_in_repo=item.path_in_repo, path_or_fileobj=str(folder / item.path_in_repo))
+            )
     return ops
 
 

@@ -99,9 +99,11 @@ def _download(repo_id: str, config: ResolveConfig) -> Path:
             )
         )
     except Exception as err:  # noqa: BLE001 (every failure becomes one clear HubError)
-        raise HubError(explain_hub_error(
-            err, repo_id, action="download", offline=offline, token=config.token, endpoint=config.endpoint
-        )) from None
+        raise HubError(
+            explain_hub_error(
+                err, repo_id, action="download", offline=offline, token=config.token, endpoint=config.endpoint
+            )
+        ) from None
 
 
 def check_model_folder(path: Path) -> None:

@@ -34,5 +34,7 @@ def init_workflow(repo_root: Path, config: WorkflowConfig | None = None) -> Path
         raise ExportError(f"{target} already exists: pass --force to replace it, or --path to write elsewhere.")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template_path(WORKFLOW_TEMPLATE), target)
-    logger.info("Wrote %s: set the HF_TOKEN secret (or OIDC) and the GPU runner labels, then run it from Actions.", target)
+    logger.info(
+        "Wrote %s: set the HF_TOKEN secret (or OIDC) and the GPU runner labels, then run it from Actions.", target
+    )
     return target

@@ -18,7 +18,6 @@ class MoaCommand(BaseOptimumCLICommand):
     def __init__(self, subparsers, args=None, command=None, from_defaults_factory=False, parser=None):
         # No nested sub-parsers: every remaining argument is handed to moa-hub's own CLI.
         self.args = args
-        self.registered_subcommands = []
         if command is not None:
             self.COMMAND = command
         if from_defaults_factory:

@@ -8,10 +8,21 @@ import posixpath
 import re
 from urllib.parse import parse_qs, unquote
 
-from hub_server import LFS_SUFFIXES, Entry, FakeHub, HubHTTPError, b64decode, decode_ndjson, git_blob_sha, validate_card_yaml
+from hub_server import (
+    LFS_SUFFIXES,
+    Entry,
+    FakeHub,
+    HubHTTPError,
+    b64decode,
+    decode_ndjson,
+    git_blob_sha,
+    validate_card_yaml,
+)
 
 JSON = {"Content-Type": "application/json"}
-API_REPO = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit|branch|lfs-files)(/.*)?)?$")
+API_REPO = re.compile(
+    r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit|branch|lfs-files)(/.*)?)?$"
+)
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 LFS_BATCH = re.compile(r"^/([^/]+/[^/]+)\.git/info/lfs/objects/batch$")
 LFS_PUT = re.compile(r"^/_lfs/([^/]+/[^/]+)/([0-9a-f]{64})$")

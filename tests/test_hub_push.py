@@ -6,7 +6,17 @@ import signal
 import time
 
 import pytest
-from hub_helpers import WRITE_TOKEN, digest_tree, exported_folder, fake_plan, hub_env, run_cli, cli_process, seed_base, tiny_llama
+from hub_helpers import (
+    WRITE_TOKEN,
+    cli_process,
+    digest_tree,
+    exported_folder,
+    fake_plan,
+    hub_env,
+    run_cli,
+    seed_base,
+    tiny_llama,
+)
 from hub_server import FakeHub
 
 from moa_hub.errors import HubError
@@ -93,7 +103,9 @@ def _assert_failed_cleanly(proc, token, before, folder, *expected):
 def test_cli_bad_token(hub, export, tmp_path):
     bad = "hf_this_token_is_not_valid_987654321"
     before = digest_tree(export)
-    proc = run_cli(["push", str(export), "--repo-id", "alice/tiny-moa", "--token", bad], hub_env(tmp_path, hub.endpoint))
+    proc = run_cli(
+        ["push", str(export), "--repo-id", "alice/tiny-moa", "--token", bad], hub_env(tmp_path, hub.endpoint)
+    )
     _assert_failed_cleanly(proc, bad, before, export, "rejected the token", "401")
     assert "alice/tiny-moa" not in hub.repos
 
@@ -125,7 +137,9 @@ def test_cli_interrupted_mid_upload(hub, tmp_path):
     write_card(folder, CardConfig(repo_id="alice/tiny-moa"))
     before = digest_tree(folder)
     hub.hold_uploads.clear()
-    proc = cli_process(["push", str(folder), "--repo-id", "alice/tiny-moa"], hub_env(tmp_path, hub.endpoint, WRITE_TOKEN))
+    proc = cli_process(
+        ["push", str(folder), "--repo-id", "alice/tiny-moa"], hub_env(tmp_path, hub.endpoint, WRITE_TOKEN)
+    )
     assert hub.upload_started.wait(timeout=60), "the upload never started"
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -134,12 +148,16 @@ def test_cli_interrupted_mid_upload(hub, tmp_path):
     out, err = proc.communicate(timeout=60)
     import subprocess
 
-    _assert_failed_cleanly(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), WRITE_TOKEN, before, folder, "interrupted")
+    _assert_failed_cleanly(
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err), WRITE_TOKEN, before, folder, "interrupted"
+    )
     assert hub.tree("alice/tiny-moa") == {}
 
 
 def test_cli_dry_run_prints_plan(hub, export, tmp_path):
-    proc = run_cli(["push", str(export), "--repo-id", "alice/tiny-moa", "--dry-run"], hub_env(tmp_path, hub.endpoint, WRITE_TOKEN))
+    proc = run_cli(
+        ["push", str(export), "--repo-id", "alice/tiny-moa", "--dry-run"], hub_env(tmp_path, hub.endpoint, WRITE_TOKEN)
+    )
     assert proc.returncode == 0, proc.stderr
     assert "copy      model.safetensors  <- meta/tiny@" in proc.stdout and "dry run" in proc.stdout
     assert WRITE_TOKEN not in proc.stdout + proc.stderr

@@ -32,12 +32,16 @@ def push(
     private: bool = typer.Option(False, "--private", help="Create the repo as private."),
     revision: str = typer.Option(None, "--revision", help="Branch to push to (created when missing)."),
     create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of pushing to the branch."),
-    token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or the saved login).", show_default=False),
+    token: str = typer.Option(
+        None, "--token", help="Hub token (default: HF_TOKEN or the saved login).", show_default=False
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the commit plan; change nothing."),
 ) -> None:
     from ..push import PushConfig, push_folder
 
-    config = PushConfig(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr, token=token or None, dry_run=dry_run)
+    config = PushConfig(
+        repo_id=repo_id, private=private, revision=revision, create_pr=create_pr, token=token or None, dry_run=dry_run
+    )
     result = push_folder(folder, config)
     for item in result.files:
         typer.echo(f"{item.action:9s} {item.path_in_repo}" + (f"  <- {item.source}" if item.source else ""))
@@ -46,12 +50,16 @@ def push(
     elif result.pr_url:
         typer.echo(f"pull request: {result.pr_url}")
     else:
-        typer.echo(f"pushed: {result.repo_url}" + (f" (commit {result.commit_sha})" if result.commit_sha else " (no changes)"))
+        typer.echo(
+            f"pushed: {result.repo_url}" + (f" (commit {result.commit_sha})" if result.commit_sha else " (no changes)")
+        )
 
 
 def init_workflow(
     repo_root: Path = typer.Argument(Path("."), help="Root of the git repository to add the workflow to."),
-    path: Path = typer.Option(Path(".github/workflows/moa-convert.yml"), "--path", help="Where to write it, relative to the root."),
+    path: Path = typer.Option(
+        Path(".github/workflows/moa-convert.yml"), "--path", help="Where to write it, relative to the root."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
 ) -> None:
     from ..workflow import WorkflowConfig
