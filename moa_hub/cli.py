@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app); the list is the one place that names them.
-COMMAND_MODULES = ["export"]
+COMMAND_MODULES = ["export", "hub"]
 
 
 def _register_commands() -> None:
@@ -33,10 +33,14 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
-        app()
+        app(args=argv, prog_name="moa-hub")
     except MoaHubError as err:
         typer.secho(f"Error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
