@@ -46,6 +46,12 @@ def tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _density(alpha, beta, n: int) -> float:
+    from moa_hub.remote import remote_module
+
+    return remote_module("moa_spans").kv_density(alpha, beta, n, 16, 48)
+
+
 def fake_plan(
     layers: int = 3, heads: int = 2, seed: int = 1, base: str = "meta/tiny", revision: str | None = None
 ) -> dict:
@@ -58,7 +64,7 @@ def fake_plan(
         "min_span": 48,
         "alpha": alpha,
         "beta": beta,
-        "density": {"256": 0.7, "1024": 0.45},
+        "density": {str(n): _density(alpha, beta, n) for n in (256, 1024)},
         "provenance": {
             "base_model": base,
             "base_revision": revision,
