@@ -61,7 +61,9 @@ class PlanSummary:
         return remote_module("moa_spans").kv_density(self.alpha, self.beta, n, self.sink, self.min_span)
 
     def density_budgets(self) -> dict[int, float]:
-        return dict(sorted(self.density.items()))
+        """The optimizer's density bound per length (provenance.density_bounds), if recorded."""
+        bounds = self.provenance.get("density_bounds") or {}
+        return {int(n): float(d) for n, d in sorted(bounds.items(), key=lambda kv: int(kv[0]))}
 
     def curve_lengths(self) -> list[int]:
         top = max(self.lengths[-1] * 2, 4 * self.min_span)
@@ -73,7 +75,8 @@ class PlanSummary:
 
     def density_rows(self) -> list[dict]:
         """One row per planned length: the budget (if any) and the density the plan reaches."""
-        return [{"length": n, "budget": self.density.get(n), "density": self.density_at(n)} for n in self.lengths]
+        budgets = self.density_budgets()
+        return [{"length": n, "budget": budgets.get(n), "density": self.density_at(n)} for n in self.lengths]
 
     def layer_rows(self) -> list[dict]:
         """Per layer at the longest planned length: min / mean / max span and the number of dense heads."""

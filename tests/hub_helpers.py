@@ -71,6 +71,7 @@ def fake_plan(
             "moa_hub_version": "0.1.0",
             "calibration": {"dataset": "synthetic", "samples": 8},
             "profile_lengths": [256, 512],
+            "density_bounds": {"256": 0.7, "1024": 0.45},
             "command": f"moa-hub convert {base} --density 0.45",
         },
     }

@@ -86,7 +86,7 @@ def test_card_metadata_numbers_and_pictures(tmp_path):
     spans = [span_at(1024, a, plan["beta"][1][g], 16, 48) for g, a in enumerate(plan["alpha"][1])]
     assert f"| 1 | {min(spans)} | {round(sum(spans) / 2)} | {max(spans)} |" in text
     density = PlanSummary.from_plan(plan).density_at(1024)
-    assert f"| 1024 | {density:.3f} | {density:.3f} |" in text
+    assert f"| 1024 | 0.450 | {density:.3f} |" in text
     for png in ("images/moa_spans.png", "images/moa_density.png"):
         assert f"]({png})" in text and (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
