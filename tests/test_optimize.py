@@ -11,6 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from moa_hub.assignment import Candidates, solve_assignment
 from moa_hub.errors import OptimizeError
 from moa_hub.influence import InfluenceProfile, load_profiles, save_profile
 from moa_hub.optimize import OptimizeConfig, _objective, build_loss_table, optimize_plans, weight_vectors
@@ -102,6 +103,26 @@ def test_optimum_matches_brute_force_and_bounds_hold():
             assert plan.density[n] == pytest.approx(SPANS.kv_density(plan.alpha, plan.beta, n, SINK, MIN_SPAN))
             assert plan.density[n] <= bound
         assert set(plan.loss) == set(lengths)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_assignment_solver_matches_brute_force(seed):
+    """Random multiple-choice knapsacks with two budgets: LP bound + fixing + MILP is exact."""
+    rng = np.random.default_rng(seed)
+    heads, per_head = 5, 6
+    spans = rng.integers(1, 40, size=(heads * per_head, 2))
+    spans[::per_head] = 1  # every head has a tiny option: always feasible
+    cost = rng.uniform(0, 1, heads * per_head) * spans.sum(1) ** -0.5  # smaller spans cost more, mostly
+    head = np.repeat(np.arange(heads), per_head)
+    budget = spans.reshape(heads, per_head, 2).mean(axis=(0, 1)) * heads * rng.uniform(0.4, 0.9)
+    chosen = solve_assignment(Candidates(head, cost, spans, heads), budget, time_limit_s=30, mip_rel_gap=0.0)
+    assert (head[chosen] == np.arange(heads)).all() and (spans[chosen].sum(0) <= budget).all()
+    best = min(
+        cost[list(pick)].sum()
+        for pick in itertools.product(*(range(h * per_head, (h + 1) * per_head) for h in range(heads)))
+        if (spans[list(pick)].sum(0) <= budget).all()
+    )
+    assert cost[chosen].sum() == pytest.approx(best, rel=1e-9)
 
 
 def test_retrieval_head_gets_the_long_span():
