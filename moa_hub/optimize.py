@@ -10,7 +10,8 @@ scipy's HiGHS ``milp`` (open source, no licence)::
 
 (the density rows are written in whole tokens, so a solution that HiGHS accepts never exceeds the
 bound by a rounding error). Rules that are dominated for a head (no cheaper and no smaller at every
-length) are pruned before the solve. The solutions form a Pareto front over the profile lengths.
+length) are pruned before the solve, and ``assignment.solve_assignment`` shrinks the MILP further with
+an LP bound and reduced-cost fixing. The solutions form a Pareto front over the profile lengths.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -93,7 +95,7 @@ def check_feasible(table: LossTable, bound: float) -> None:
     for n in table.density_lengths:
         if int(table.rules.spans[n].min()) * heads > _token_budget(bound, heads, n):
             least, binding = smallest_density(table.rules, table.density_lengths)
-            suggest = math.ceil(least * 1e4) / 1e4
+            suggest = math.ceil(round(least * 1e4, 6)) / 1e4
             raise OptimizeError(
                 f"density bound {bound} is infeasible: the smallest feasible plan density is {least:.4f} "
                 f"(every head at the smallest span, {table.rules.min_span} tokens, binding at length {binding}); "
@@ -177,7 +179,7 @@ def plan_from_choice(table: LossTable, choice: np.ndarray, weights: dict[int, fl
 
 
 def optimize_plans(
-    profiles: dict[int, InfluenceProfile | np.ndarray] | str, config: OptimizeConfig
+    profiles: dict[int, InfluenceProfile | np.ndarray] | str | Path, config: OptimizeConfig
 ) -> list[ParetoPlan]:
     """The Pareto front: distinct plans, none dominated in loss per profile length, in weight-vector order.
 
