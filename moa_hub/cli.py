@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app); the list is the one place that names them.
-COMMAND_MODULES = ["export", "hub", "convert"]
+COMMAND_MODULES = ["export", "hub", "convert", "optimize"]
 
 
 def _register_commands() -> None:
