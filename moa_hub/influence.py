@@ -69,7 +69,7 @@ def load_profile(path: str | Path) -> InfluenceProfile:
 
 def load_profiles(folder: str | Path) -> dict[int, InfluenceProfile]:
     """Every ``*.safetensors`` profile in a folder, by length."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    files = sorted(p for p in Path(folder).glob("*.safetensors") if ".partial" not in p.name)  # finished lengths
     if not files:
         raise OptimizeError(f"no *.safetensors profile files in {folder}: run `moa-hub profile` first")
     profiles: dict[int, InfluenceProfile] = {}
