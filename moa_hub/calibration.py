@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,7 +64,6 @@ class CalibrationItem:
     answer_start: int
     task: str
     length: int  # the length bucket (target), >= len(input_ids)
-    meta: dict = field(default_factory=dict, compare=False)
 
 
 def build_calibration(model, tokenizer, config: CalibrationConfig, work_dir: Path) -> list[CalibrationItem]:
