@@ -6,7 +6,6 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,14 +97,13 @@ def convert(config: ConvertConfig) -> ConvertResult:
     profile_model(model, items, profile_config, work / "profile")
     candidates = optimize_stage(config, work)
     validation = validate_stage(model, candidates, items.get(config.validation_length, []), config, work)
-    plan = final_plan(candidates[validation.best], config, resolved, calibration)
+    plan = final_plan(candidates[validation.best], config, resolved, calibration, validation)
     plan.save(work / "plan.json")
     output = write_moa_folder(read_model_folder(resolved.path), plan, config.output, overwrite=config.overwrite)
     card = CardConfig(
         repo_id=config.push.repo_id if config.push else None,
         base_card=resolved.path / "README.md" if (resolved.path / "README.md").exists() else None,
         command=config.command,
-        validation=json.loads((work / "validation.json").read_text()),
     )
     write_card(output, card)
     url = push_folder(output, config.push).url if config.push else None
@@ -149,14 +147,24 @@ def validate_stage(model, candidates: list[MoaPlan], items, config: ConvertConfi
     return result
 
 
-def final_plan(plan: MoaPlan, config: ConvertConfig, resolved: ResolvedModel, calibration: CalibrationConfig) -> MoaPlan:
+def final_plan(
+    plan: MoaPlan, config: ConvertConfig, resolved: ResolvedModel, calibration: CalibrationConfig, validation
+) -> MoaPlan:
     lengths = sorted({*config.profile_lengths, config.validation_length})
+    summary = {
+        "length": validation.length,
+        "held-out items": validation.num_items,
+        "answer loss (MoA)": round(validation.losses[validation.best], 4),
+        "answer loss (dense)": round(validation.dense_loss, 4),
+        "Pareto plans compared": len(validation.losses),
+    }
     provenance = Provenance(
         **resolved.provenance(),
         moa_hub_version=__version__,
         calibration={"source": calibration.source, "items_per_length": calibration.items_per_length},
         profile_lengths=list(config.profile_lengths),
         density_bounds={n: config.density for n in lengths},
+        extra={"validation": summary, "command": config.command},
     )
     return replace(plan, provenance=provenance).with_density(lengths)
 

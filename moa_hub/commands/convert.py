@@ -17,7 +17,7 @@ Examples:
 
   moa-hub convert meta-llama/Llama-3.1-8B-Instruct --output llama-moa --density 0.5
 
-  moa-hub convert ./my-model --output my-moa --profile-lengths 1024 2048 --extend-length 3072 --device cpu
+  moa-hub convert ./my-model --output my-moa --profile-lengths 1k,2k --extend-length 3072 --device cpu
 
   moa-hub convert Qwen/Qwen2.5-7B-Instruct --output qwen-moa --push --repo-id you/qwen2.5-7b-moa
 """
@@ -27,7 +27,7 @@ def convert(
     model: str = typer.Argument(..., help="Hub id (org/name) or local model folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the converted model to."),
     density: float = typer.Option(0.5, help="KV density bound at every profile length and the extend length."),
-    profile_lengths: list[int] = typer.Option([2048, 4096, 8192], "--profile-lengths", help="Lengths to profile at."),
+    profile_lengths: str = typer.Option("2k,4k,8k", "--profile-lengths", help="Lengths to profile at, e.g. 2k,4k,8k."),
     extend_length: int = typer.Option(None, "--extend-length", help="Unseen validation length (default 1.5x max)."),
     calibration: str = typer.Option("builtin", help="builtin, a Hub dataset id, or a jsonl/parquet/arrow path."),
     num_samples: int = typer.Option(4, "--num-samples", help="Calibration items per length."),
@@ -48,11 +48,12 @@ def convert(
     from ..push import PushConfig
     from ..resolve import ResolveConfig
     from ..summary import print_summary
+    from .options import parse_lengths
 
     if push and not repo_id:
         raise MoaHubError("--push needs --repo-id (e.g. --repo-id you/model-moa)")
     config = ConvertConfig(
-        model=model, output=output, density=density, profile_lengths=tuple(profile_lengths),
+        model=model, output=output, density=density, profile_lengths=parse_lengths(profile_lengths, "--profile-lengths"),
         extend_length=extend_length, calibration=calibration, num_samples=num_samples, block_size=block_size,
         device=device, dtype=dtype, work_dir=work_dir, overwrite=overwrite,
         resolve=ResolveConfig(revision=revision, token=token or None),

@@ -13,7 +13,7 @@ MODEL/eval.json and refreshes the model card's evaluation table.
 
 Examples:
 
-  moa-hub eval llama-moa --lengths 1024 2048 4096
+  moa-hub eval llama-moa --lengths 1k,2k,4k
 
   moa-hub eval demo-moa --tasks retrieval --compare dense,uniform --items-per-depth 2
 """
@@ -21,7 +21,7 @@ Examples:
 
 def eval_command(
     model: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder written by moa-hub convert/export."),
-    lengths: list[int] = typer.Option([1024, 2048, 4096], "--lengths", help="Input lengths to score at."),
+    lengths: str = typer.Option("1k,2k,4k", "--lengths", help="Input lengths to score at, e.g. 1k,2k,4k."),
     tasks: str = typer.Option("retrieval,passkey,ppl", help="Comma-separated: retrieval, passkey, ppl."),
     compare: str = typer.Option("dense,uniform", help="Baselines: dense, uniform (comma-separated, or '')."),
     items_per_depth: int = typer.Option(1, "--items-per-depth", help="Items per needle decile and length."),
@@ -30,10 +30,11 @@ def eval_command(
 ) -> None:
     from ..card import CardConfig, write_card
     from ..compare import EvalConfig, card_entries, report_rows, run_eval
+    from .options import parse_lengths
 
     config = EvalConfig(
         model=model,
-        lengths=tuple(lengths),
+        lengths=parse_lengths(lengths, "--lengths"),
         tasks=tuple(t for t in tasks.split(",") if t),
         compare=tuple(c for c in compare.split(",") if c),
         items_per_depth=items_per_depth,
