@@ -10,6 +10,8 @@ writes a partial output and log-sum-exp; a second kernel merges the splits of ea
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .moa_prefill import INTERPRETED, gather_head_slots, use_triton, window_lo
@@ -124,6 +126,11 @@ def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132) -> int:
     return int(min(4096, max(128, 1 << (target.bit_length() - 1))))
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: int):
     """Static-shape work list on the device: (head, split) per item, and each head's first item and count.
 
@@ -151,7 +158,10 @@ def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_
     group = num_q_heads // num_kv_heads
     total_slots = cache_keys.shape[1] - 1
     interpret = INTERPRETED
-    split_len = 32 if interpret else decode_split_len(bsz, total_slots)
+    if interpret:
+        split_len = 32
+    else:
+        split_len = decode_split_len(bsz, total_slots, _num_sms(query.device))
     block_n = 16 if interpret else DECODE_CONFIG["BLOCK_N"]
     head_offset = head_offset.to(device=query.device, dtype=torch.int32)
     head_capacity = head_capacity.to(device=query.device, dtype=torch.int32)

@@ -80,8 +80,30 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
+    def _attend_range(
+        acc, m_i, l_i, q, k_base, v_base, q_row, first, stop, qp, lo, stride_kn, stride_vn,
+        sm_scale_log2, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start in range(first, stop, BLOCK_N):
+            idx = start + offs_n
+            ok = idx < stop
+            kp = idx.to(tl.int64)
+            if MASKED:
+                kp = tl.load(q_row + idx, mask=ok, other=-1)
+            k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, ok, qp, lo, sm_scale_log2, SINK, MASKED, DOT_PRECISION
+            )
+        return acc, m_i, l_i
+
+    @triton.jit
     def _moa_prefill_fwd(
-        Q, K, V, Out, QPos, WinLo,
+        Q, K, V, Out, QPos, WinLo, FirstValid,
         CacheK, CacheV, SlotPos, HeadOff, HeadCap,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -93,7 +115,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CACHE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_m = tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
         pid_bh = tl.program_id(1)
         b = pid_bh // num_q_heads
         h = pid_bh % num_q_heads
@@ -142,34 +164,98 @@ if HAS_TRITON:
         kv_base_k = K + b * stride_kb + g * stride_kh
         kv_base_v = V + b * stride_vb + g * stride_vh
 
-        for start in range(0, sink_end, BLOCK_N):  # key blocks holding sink positions
-            idx = start + offs_n
-            ok = idx < sink_end
-            kp = tl.load(QPos + b * stride_pb + idx, mask=ok, other=-1)
-            k_ptrs = kv_base_k + idx[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = kv_base_v + idx[:, None] * stride_vn + offs_d[None, :]
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, ok, qp, lo, sm_scale_log2, SINK, True, DOT_PRECISION
-            )
-
-        for start in range(band_lo, band_hi, BLOCK_N):  # the band up to the diagonal
-            idx = start + offs_n
-            ok = idx < band_hi
-            k_ptrs = kv_base_k + idx[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = kv_base_v + idx[:, None] * stride_vn + offs_d[None, :]
-            # unmasked when every key is valid (padding sits before the first valid index), inside
-            # every query's window and strictly before the block's first query
-            first_ok = tl.load(QPos + b * stride_pb + start) >= 0
-            inner = first_ok & (start >= full_lo) & (start + BLOCK_N <= pid_m * BLOCK_M)
-            if inner:
-                acc, m_i, l_i = _attend_tile(
-                    acc, m_i, l_i, q, k_ptrs, v_ptrs, idx, ok, qp, lo, sm_scale_log2, SINK, False, DOT_PRECISION
-                )
-            else:
-                kp = tl.load(QPos + b * stride_pb + idx, mask=ok, other=-1)
-                acc, m_i, l_i = _attend_tile(
-                    acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, ok, qp, lo, sm_scale_log2, SINK, True, DOT_PRECISION
-                )
+        q_row = QPos + b * stride_pb
+        # three key ranges of the band, tiles aligned to BLOCK_N: [band_lo, inner_lo) left edge (masked),
+        # [inner_lo, inner_hi) every key valid, in every query's window and before the block (no mask),
+        # [inner_hi, band_hi) the diagonal (masked)
+        first_valid = tl.load(FirstValid + b)
+        inner_lo = tl.maximum(full_lo, first_valid)
+        inner_lo = tl.minimum(tl.maximum(((inner_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, band_lo), band_hi)
+        inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            0,
+            sink_end,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            band_lo,
+            inner_lo,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            inner_lo,
+            inner_hi,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            inner_hi,
+            band_hi,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = tl.where(q_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -208,8 +294,9 @@ def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int
         ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
+    first_valid = (q_pos < 0).sum(-1).to(torch.int32)  # [B] index of each row's first valid token
     _moa_prefill_fwd[grid](
-        query, key, value, out, q_pos, lo,
+        query, key, value, out, q_pos, lo, first_valid,
         cache_k, cache_v, slot_pos, head_off, head_cap,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),

@@ -133,6 +133,7 @@ PREFILL_CASES = [  # (plan, dtype, lengths, starts, width)
     ("gqa_sink5", torch.bfloat16, [64, 17], [3, 0], 64),
     ("gqa_sink5", torch.float16, [64, 17], [3, 0], 64),
     ("gqa_sink5", torch.float32, [20, 31], [70, 9], 33),
+    ("gqa_sink0", torch.float32, [0, 29], [0, 4], 29),  # a row of padding only
 ]
 
 
