@@ -39,8 +39,8 @@ if HAS_TRITON:
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        w = tl.program_id(0)
-        b = tl.program_id(1)
+        w = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
         g = tl.load(WorkHead + w)  # -1: this item has no work
         split = tl.load(WorkSplit + w)
         g_safe = tl.maximum(g, 0)
@@ -92,7 +92,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
         g = tl.program_id(0)
-        b = tl.program_id(1)
+        b = tl.program_id(1).to(tl.int64)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, HEAD_DIM)
         in_group = offs_g < GROUP

@@ -117,8 +117,8 @@ if HAS_TRITON:
     ):  # fmt: skip
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
         pid_bh = tl.program_id(1)
-        b = pid_bh // num_q_heads
-        h = pid_bh % num_q_heads
+        b = (pid_bh // num_q_heads).to(tl.int64)  # int64: offsets of large batches pass 2**31
+        h = (pid_bh % num_q_heads).to(tl.int64)
         g = h // GROUP
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
