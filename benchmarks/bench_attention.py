@@ -166,21 +166,23 @@ def dense_flash(query, key, value):
     rep_k, rep_v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if CUDA else [SDPBackend.MATH]):
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(query, rep_k, rep_v, is_causal=True)  # noqa: E731
-        return bench(fn, rep_ms=1000)
+        t_graph = bench(graphed(fn)) if query.shape[2] <= 4096 else None
+        return bench(fn, rep_ms=1000), t_graph
 
 
-def prefill_case(cfg, n: int, target: float, tensors, ceil: dict, t_flash: float, flex) -> dict:
+def prefill_case(cfg, n: int, target: float, tensors, ceil: dict, t_flash: tuple, flex) -> dict:
     query, key, value, q_pos = tensors
     hq, hkv, d, sink, ms = cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span
     alpha, beta = make_plan(n, target, sink, ms, hkv)
     rule = (alpha.to(DEV), beta.to(DEV), sink, ms)
     frac = spans.attention_fraction(alpha, beta, n, sink, ms)
     t = bench(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule), rep_ms=1000)
+    t_graph = bench(graphed(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule))) if n <= 4096 else None
     flops = 4 * hq * d * frac * n * (n + 1) / 2
     moved = (2 * hq + 2 * hkv) * n * d * 2
     floor_ms = max(flops / ceil["matmul_TFLOPs"] / 1e9, moved / ceil["copy_GBps"] / 1e6)
     row = dict(kind="prefill", n=n, density=round(spans.kv_density(alpha, beta, n, sink, ms), 4), frac=frac,
-               moa_ms=t, flash_ms=t_flash, ratio=t / t_flash, target_ratio=1.2 * frac, flops=flops, bytes=moved,
+               moa_ms=t, flash_ms=t_flash[0], ratio=t / t_flash[0], moa_graph_ms=t_graph, flash_graph_ms=t_flash[1], target_ratio=1.2 * frac, flops=flops, bytes=moved,
                TFLOPs=flops / t / 1e9, pct_roofline=100 * floor_ms / t)  # fmt: skip
     if flex is not None and time.time() < cfg.flex_deadline:
         lo = prefill.window_lo(q_pos, rule[0], rule[1], sink, ms)[0]  # [Hkv, N]
@@ -245,10 +247,8 @@ def check_correct(cfg) -> dict:
     return result
 
 
-def sweep(cfg) -> dict:
-    """Pick the prefill and decode launch configs on this device (one shape each), before the tables."""
-    chosen = {}
-    n = cfg.sweep_n
+def sweep_prefill(cfg, bucket: int, n: int) -> dict:
+    """Time every prefill candidate at length n (density 25%) and install the best for PREFILL_CONFIGS[bucket]."""
     alpha, beta = make_plan(n, 0.25, cfg.sink, cfg.min_span, cfg.hkv)
     rule = (alpha.to(DEV), beta.to(DEV), cfg.sink, cfg.min_span)
     query = torch.randn(1, cfg.hq, n, cfg.head_dim, device=DEV, dtype=DTYPE)
@@ -260,26 +260,36 @@ def sweep(cfg) -> dict:
         conf = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
         try:
             fn = lambda: prefill._launch_prefill(query, key, value, q_pos, lo, None, 128**-0.5, cfg.sink, conf)  # noqa: B023,E731
-            timings[json.dumps(conf)] = bench(fn)
+            timings[json.dumps(conf)] = bench(fn, rep_ms=300)
         except Exception as exc:
             log("prefill config failed", conf, repr(exc)[:200])
-    log("prefill sweep", timings)
-    chosen["prefill"] = json.loads(min(timings, key=timings.get))
-    prefill.PREFILL_CONFIG.update(chosen["prefill"])
-    bsz = cfg.sweep_decode_b
-    cache = decode_cache(bsz, n, *make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv), cfg.sink, cfg.min_span, 128)
-    dq = torch.randn(bsz, cfg.hq, 1, cfg.head_dim, device=DEV, dtype=DTYPE)
-    dpos = torch.full((bsz,), n - 1, device=DEV)
+    log(f"prefill sweep n={n}", timings)
+    best = json.loads(min(timings, key=timings.get))
+    prefill.PREFILL_CONFIGS[bucket] = (prefill.PREFILL_CONFIGS[bucket][0], best)
+    return best
+
+
+def sweep_decode(cfg) -> dict:
+    """Time every decode candidate (CUDA-graph replays) on one bandwidth-bound shape; install the best."""
+    n, bsz = cfg.sweep_decode_n, cfg.sweep_decode_b
+    alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
     timings = {}
     for bn, warps, stages in cfg.decode_candidates:
         decode.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
         try:
-            timings[json.dumps(dict(decode.DECODE_CONFIG))] = bench(lambda: decode.moa_decode(dq, *cache, dpos, *rule))
+            timings[json.dumps(dict(decode.DECODE_CONFIG))] = time_moa_decode(bsz, n, alpha, beta, cfg)[0]
         except Exception as exc:
             log("decode config failed", bn, warps, stages, repr(exc)[:200])
     log("decode sweep", timings)
-    chosen["decode"] = json.loads(min(timings, key=timings.get))
-    decode.DECODE_CONFIG.update(chosen["decode"])
+    best = json.loads(min(timings, key=timings.get))
+    decode.DECODE_CONFIG.update(best)
+    return best
+
+
+def sweep(cfg) -> dict:
+    """Pick the launch configs on this device before the tables (prefill per length bucket, decode once)."""
+    chosen = {f"prefill_{n}": sweep_prefill(cfg, bucket, n) for bucket, n in enumerate(cfg.sweep_n)}
+    chosen["decode"] = sweep_decode(cfg)
     return chosen
 
 
@@ -291,7 +301,7 @@ class BenchConfig(argparse.Namespace):
     decode_n = (8192, 32768, 131072)
     decode_b = (1, 16, 64)
     prefill_n = (1024, 4096, 16384, 32768, 131072)
-    check_n, sweep_n, sweep_decode_b = 3000, 16384, 16
+    check_n, sweep_n, sweep_decode_n, sweep_decode_b = 3000, (4096, 16384, 65536), 32768, 64
     prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                           (128, 128, 8, 2), (128, 64, 8, 4))  # fmt: skip
     decode_candidates = ((64, 4, 4), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4), (128, 8, 2))
@@ -303,7 +313,7 @@ class BenchConfig(argparse.Namespace):
         cfg = cls()
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         cfg.decode_n, cfg.decode_b, cfg.prefill_n = (96,), (2,), (64, 100)
-        cfg.check_n, cfg.sweep_n, cfg.sweep_decode_b, cfg.copy_mb = 70, 64, 2, 8
+        cfg.check_n, cfg.sweep_n, cfg.sweep_decode_n, cfg.sweep_decode_b, cfg.copy_mb = 70, (64, 80, 96), 96, 2, 8
         cfg.prefill_candidates = ((16, 16, 1, 1),)
         cfg.decode_candidates = ((16, 1, 1),)
         return cfg
@@ -325,8 +335,8 @@ def markdown(rows: list, ceil: dict) -> str:
                      f"| {r['pct_copy']:.1f} |")  # fmt: skip
     lines += ["", "### Prefill (B=1; dense = SDPA FlashAttention causal; flex = compiled FlexAttention, same mask)", "",
               "| N | KV density | f (kept fraction) | MoA ms | flash ms | ratio | target <= 1.2 f (N >= 16k) "
-              "| flex ms | flex mask ms | TFLOP/s | % of roofline |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              "| flex ms | flex mask ms | MoA / flash ms, graph replay | TFLOP/s | % of roofline |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in (r for r in rows if r["kind"] == "prefill"):
         if "error" in r:
             lines.append(f"| {r['n']} | target {r['target']} | error: {r['error']} |")
@@ -334,7 +344,8 @@ def markdown(rows: list, ceil: dict) -> str:
         ok = "yes" if r["ratio"] <= r["target_ratio"] else "NO"
         lines.append(f"| {r['n']} | {r['density']:.3f} | {r['frac']:.3f} | {r['moa_ms']:.3f} | {r['flash_ms']:.3f} "
                      f"| {r['ratio']:.3f} | {r['target_ratio']:.3f} ({ok}) | {fmt(r.get('flex_ms'), '.3f')} "
-                     f"| {fmt(r.get('flex_mask_ms'), '.1f')} | {r['TFLOPs']:.0f} | {r['pct_roofline']:.1f} |")  # fmt: skip
+                     f"| {fmt(r.get('flex_mask_ms'), '.1f')} | {fmt(r.get('moa_graph_ms'), '.3f')} / "
+                     f"{fmt(r.get('flash_graph_ms'), '.3f')} | {r['TFLOPs']:.0f} | {r['pct_roofline']:.1f} |")  # fmt: skip
     lines += ["", f"Ceilings measured in this run: copy {ceil['copy_GBps']:.0f} GB/s (read + write), "
               f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s (8192^3)."]  # fmt: skip
     return "\n".join(lines) + "\n"

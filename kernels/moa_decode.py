@@ -151,6 +151,19 @@ def decode_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: i
     return work_head, work_split, starts.to(torch.int32), count.to(torch.int32)
 
 
+_WORK_LISTS: dict = {}
+
+
+def _cached_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: int):
+    """decode_work_list, reused while head_capacity is unchanged (same storage and version)."""
+    key = (head_capacity.data_ptr(), head_capacity._version, str(head_capacity.device), split_len, total_slots)
+    if key not in _WORK_LISTS:
+        if len(_WORK_LISTS) > 64:
+            _WORK_LISTS.clear()
+        _WORK_LISTS[key] = decode_work_list(head_capacity, split_len, total_slots)
+    return _WORK_LISTS[key]
+
+
 def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_capacity, lo, q_pos, scale, sink):
     # query: [B, Hq, 1, D]; cache_keys/values: [B, C + 1, D]; lo: [B, Hkv]
     bsz, num_q_heads, _, head_dim = query.shape
@@ -165,7 +178,7 @@ def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_
     block_n = 16 if interpret else DECODE_CONFIG["BLOCK_N"]
     head_offset = head_offset.to(device=query.device, dtype=torch.int32)
     head_capacity = head_capacity.to(device=query.device, dtype=torch.int32)
-    work_head, work_split, work_start, work_count = decode_work_list(head_capacity, split_len, total_slots)
+    work_head, work_split, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
     num_items = work_head.numel()
     block_g = max(16, triton.next_power_of_2(group))
     part_o = torch.empty(bsz, num_items, group, head_dim, device=query.device, dtype=torch.float32)

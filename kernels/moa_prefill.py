@@ -38,12 +38,12 @@ def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink
     q_pos: [B, L] int64 (or [B]); alpha/beta: [Hkv]. Returns [B, Hkv, L] (or [B, Hkv]) int64, on device,
     without host synchronisation.
     """
-    pos = q_pos.to(torch.int64).unsqueeze(1)  # [B, 1, L]
+    pos = q_pos.unsqueeze(1)  # [B, 1, L]
     shape = (1, -1) + (1,) * (q_pos.dim() - 1)
     a = alpha.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
     b = beta.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
-    lo = pos - window_at(pos.clamp(min=0) + 1, a, b, sink, min_span) + 1
-    return torch.where(pos >= 0, lo, torch.full_like(lo, _BIG))
+    n = pos.clamp(min=0) + 1
+    return torch.where(pos >= 0, n - window_at(n, a, b, sink, min_span), _BIG)  # i - W + 1 == n - W
 
 
 # the interpreter is chosen when the kernels are defined (triton.jit reads TRITON_INTERPRET then)
@@ -103,7 +103,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _moa_prefill_fwd(
-        Q, K, V, Out, QPos, WinLo, FirstValid,
+        Q, K, V, Out, QPos, WinLo,
         CacheK, CacheV, SlotPos, HeadOff, HeadCap,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
@@ -168,9 +168,10 @@ if HAS_TRITON:
         # three key ranges of the band, tiles aligned to BLOCK_N: [band_lo, inner_lo) left edge (masked),
         # [inner_lo, inner_hi) every key valid, in every query's window and before the block (no mask),
         # [inner_hi, band_hi) the diagonal (masked)
-        first_valid = tl.load(FirstValid + b)
-        inner_lo = tl.maximum(full_lo, first_valid)
-        inner_lo = tl.minimum(tl.maximum(((inner_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, band_lo), band_hi)
+        inner_lo = tl.minimum(tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, band_lo), band_hi)
+        # padding precedes the valid tokens: if key inner_lo is valid, all later keys are; else mask everything
+        inner_ok = tl.load(q_row + inner_lo, mask=inner_lo < seq_len, other=-1) >= 0
+        inner_lo = tl.where(inner_ok, inner_lo, band_hi)
         inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
         acc, m_i, l_i = _attend_range(
             acc,
@@ -263,17 +264,24 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_seq[:, None])
 
 
-def _prefill_config(head_dim: int, interpret: bool) -> dict:
-    """Block sizes: tiny tiles under the interpreter, FlashAttention-like tiles on Hopper."""
+def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
+    """Block sizes: tiny tiles under the interpreter, FlashAttention-like tiles on Hopper by chunk length."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return dict(PREFILL_CONFIG)
+    for max_len, config in PREFILL_CONFIGS:
+        if seq_len <= max_len:
+            return dict(config)
+    return dict(PREFILL_CONFIGS[-1][1])
 
 
-# tuned on an H200 (benchmarks/bench_attention.py sweeps the candidates); d=128, bf16
-PREFILL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+# (longest chunk, launch config), d=128 bf16 on an H200; benchmarks/bench_attention.py sweeps the candidates
+PREFILL_CONFIGS = [
+    (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    (2**62, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
+]
 
 
 def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int, config: dict | None = None):
@@ -285,7 +293,7 @@ def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int
     lo = lo.contiguous()
     out = torch.empty_like(query)
     interpret = INTERPRETED
-    cfg = config or _prefill_config(head_dim, interpret)
+    cfg = config or _prefill_config(head_dim, seq_len, interpret)
     if cache is None:
         cache_k, cache_v, slot_pos, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
         ck_strides = (0, 0, 0, 0, 0)
@@ -294,9 +302,8 @@ def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int
         ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
-    first_valid = (q_pos < 0).sum(-1).to(torch.int32)  # [B] index of each row's first valid token
     _moa_prefill_fwd[grid](
-        query, key, value, out, q_pos, lo, first_valid,
+        query, key, value, out, q_pos, lo,
         cache_k, cache_v, slot_pos, head_off, head_cap,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
@@ -321,13 +328,28 @@ def _check_shapes(query: torch.Tensor, key: torch.Tensor, q_pos: torch.Tensor) -
         raise ValueError(f"head dim {head_dim} unsupported by the Triton kernel: use MOA_BACKEND=torch")
 
 
+_DENSE_LEN: dict = {}
+
+
+def dense_length(alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> int:
+    """Largest n (up to 2**20) at which every head is still dense (S(n) == n), cached per plan tensor.
+
+    The first call for a plan copies alpha/beta to the host (one sync); later calls cost nothing.
+    """
+    key = (alpha.data_ptr(), alpha._version, beta.data_ptr(), beta._version, str(alpha.device), sink, min_span)
+    if key not in _DENSE_LEN:
+        a, b = alpha.detach().double().cpu().reshape(-1, 1), beta.detach().double().cpu().reshape(-1, 1)
+        steps = torch.arange(1, 2**20 + 1, dtype=torch.int64)
+        dense = (window_at(steps, a, b, sink, min_span) + sink == steps).all(dim=0)  # S(n) == n for every head
+        _DENSE_LEN[key] = int(dense.to(torch.int64).cumprod(0).sum())  # dense for all n <= this (S(n) <= n)
+    return _DENSE_LEN[key]
+
+
 def _all_dense(q_pos, alpha, beta, sink: int, min_span: int) -> bool:
-    """True when every head is dense over the whole chunk and rows start at 0 unpadded (one host sync)."""
-    seq_len = q_pos.shape[-1]
-    if not bool((q_pos[:, 0] == 0).all()):
+    """Every head dense over the chunk and rows start at 0 unpadded; syncs only for chunks short enough."""
+    if q_pos.shape[-1] > dense_length(alpha, beta, sink, min_span):
         return False
-    spans = window_at(torch.tensor(seq_len), alpha.double().cpu(), beta.double().cpu(), sink, min_span) + sink
-    return bool((spans == seq_len).all())
+    return bool((q_pos[:, 0] == 0).all())
 
 
 def moa_prefill(query, key, value, q_pos, alpha, beta, sink: int, min_span: int, scale: float | None = None):

@@ -271,3 +271,12 @@ def test_gpu_decode_cuda_graph():
     graph.replay()
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
     assert rel_err(captured, ref64) < 1e-2 and rel_err(eager, captured) > 0
+
+
+def test_dense_length_is_where_the_first_head_stops_being_dense():
+    alpha, beta = torch.tensor([300.0, 40.0, -5.0]), torch.tensor([0.0, 0.5, 1.0])
+    steps = torch.arange(1, 3000)
+    dense = [bool((spans.span_at(n, alpha.double(), beta.double(), 4, 16) == n).all()) for n in steps.tolist()]
+    expected = dense.index(False)  # lengths 1..expected are dense for every head
+    assert prefill.dense_length(alpha, beta, 4, 16) == expected == 16  # head 2 (n - 5) is dense only up to min_span
+    assert prefill.dense_length(torch.tensor([5000.0]), torch.tensor([0.0]), 4, 16) == 5000
