@@ -274,12 +274,14 @@ def sweep_decode(cfg) -> dict:
     n, bsz = cfg.sweep_decode_n, cfg.sweep_decode_b
     alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
     timings = {}
-    for bn, warps, stages in cfg.decode_candidates:
-        decode.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
+    for bn, warps, stages, per_sm in cfg.decode_candidates:
+        decode.DECODE_CONFIG.update(
+            {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
+        )
         try:
             timings[json.dumps(dict(decode.DECODE_CONFIG))] = time_moa_decode(bsz, n, alpha, beta, cfg)[0]
         except Exception as exc:
-            log("decode config failed", bn, warps, stages, repr(exc)[:200])
+            log("decode config failed", bn, warps, stages, per_sm, repr(exc)[:200])
     log("decode sweep", timings)
     best = json.loads(min(timings, key=timings.get))
     decode.DECODE_CONFIG.update(best)
@@ -301,10 +303,11 @@ class BenchConfig(argparse.Namespace):
     decode_n = (8192, 32768, 131072)
     decode_b = (1, 16, 64)
     prefill_n = (1024, 4096, 16384, 32768, 131072)
-    check_n, sweep_n, sweep_decode_n, sweep_decode_b = 3000, (4096, 16384, 65536), 32768, 64
+    check_n, sweep_n, sweep_decode_n, sweep_decode_b = 3000, (4096, 16384, 65536), 32768, 16
     prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                           (128, 128, 8, 2), (128, 64, 8, 4))  # fmt: skip
-    decode_candidates = ((64, 4, 4), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4), (128, 8, 2))
+    decode_candidates = ((64, 8, 4, 8), (64, 8, 4, 24), (64, 4, 4, 8), (64, 4, 4, 24), (128, 8, 3, 8),
+                         (128, 8, 3, 24), (32, 4, 4, 24), (64, 8, 3, 48))  # fmt: skip
     copy_mb = 4096
     flex_deadline = float("inf")
 
@@ -315,7 +318,7 @@ class BenchConfig(argparse.Namespace):
         cfg.decode_n, cfg.decode_b, cfg.prefill_n = (96,), (2,), (64, 100)
         cfg.check_n, cfg.sweep_n, cfg.sweep_decode_n, cfg.sweep_decode_b, cfg.copy_mb = 70, (64, 80, 96), 96, 2, 8
         cfg.prefill_candidates = ((16, 16, 1, 1),)
-        cfg.decode_candidates = ((16, 1, 1),)
+        cfg.decode_candidates = ((16, 1, 1, 8),)
         return cfg
 
 

@@ -120,9 +120,9 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
 
 
-def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132) -> int:
-    """Slots per split: a power of two in [128, 4096] giving about 8 programs per SM (static shapes only)."""
-    target = max(1, bsz * total_slots // (8 * num_sms))
+def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: int = 8) -> int:
+    """Slots per split: a power of two in [128, 4096] giving about programs_per_sm programs per SM (static shapes)."""
+    target = max(1, bsz * total_slots // (programs_per_sm * num_sms))
     return int(min(4096, max(128, 1 << (target.bit_length() - 1))))
 
 
@@ -174,7 +174,8 @@ def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_
     if interpret:
         split_len = 32
     else:
-        split_len = decode_split_len(bsz, total_slots, _num_sms(query.device))
+        per_sm = DECODE_CONFIG["programs_per_sm"]
+        split_len = decode_split_len(bsz, total_slots, _num_sms(query.device), per_sm)
     block_n = 16 if interpret else DECODE_CONFIG["BLOCK_N"]
     head_offset = head_offset.to(device=query.device, dtype=torch.int32)
     head_capacity = head_capacity.to(device=query.device, dtype=torch.int32)
@@ -212,7 +213,7 @@ def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_
 
 
 # tuned on an H200 (benchmarks/bench_attention.py sweeps the candidates); d=128, bf16
-DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "programs_per_sm": 8}
 
 
 def moa_decode(
