@@ -212,8 +212,8 @@ def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_
     return out
 
 
-# tuned on an H200 (benchmarks/bench_attention.py sweeps the candidates); d=128, bf16
-DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "programs_per_sm": 8}
+# d=128 bf16: the winner of the H200 sweep in benchmarks/RESULTS.md (2026-11-24)
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8}
 
 
 def moa_decode(

@@ -276,11 +276,11 @@ def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
     return dict(PREFILL_CONFIGS[-1][1])
 
 
-# (longest chunk, launch config), d=128 bf16 on an H200; benchmarks/bench_attention.py sweeps the candidates
+# (longest chunk, launch config), d=128 bf16: the winners of the H200 sweep in benchmarks/RESULTS.md (2026-11-24)
 PREFILL_CONFIGS = [
     (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
     (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
-    (2**62, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
+    (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
 ]
 
 
