@@ -1,0 +1,392 @@
+"""Benchmark the MoA Triton kernels against dense attention on one GPU; prints tables, writes RESULTS rows.
+
+    python benchmarks/bench_attention.py --out results/          # the H200 run (Llama-3-8B attention shapes)
+    TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke --out /tmp/b   # CPU smoke test
+
+Measures in one run: device-to-device copy bandwidth, bf16 matmul rate, then
+- decode: MoA kernel (CUDA graph replays) vs dense SDPA flash decode, bytes actually read, % of copy bandwidth;
+- prefill: MoA kernel vs SDPA FlashAttention dense causal and vs compiled FlexAttention with the same block mask
+  (mask creation timed separately), with a roofline column (FLOPs and bytes the kernel must do).
+Plans are heterogeneous: 2 local heads (beta 0) and 6 long heads (alpha 0, beta spread), scaled to a target
+KV density with moa_spans.kv_density. Times are medians of CUDA-event timings (triton.testing.do_bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moa_hub.remote import remote_module  # noqa: E402
+
+spans = remote_module("moa_spans")
+prefill = remote_module("moa_prefill")
+decode = remote_module("moa_decode")
+reference = remote_module("moa_reference")
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float16  # the interpreter cannot do bf16 dots
+SPREAD = torch.tensor([0.7, 0.85, 1.0, 1.0, 1.15, 1.3], dtype=torch.float64)
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)  # noqa: T201 (a script, not library code)
+
+
+def bench(fn, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn (CUDA events, L2 flushed between runs; host clock under the interpreter)."""
+    if CUDA:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph (decode is launch-bound at small sizes); plain fn on CPU."""
+    if not CUDA:
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def make_plan(n: int, density: float, sink: int, min_span: int, hkv: int = 8):
+    """alpha/beta [hkv]: 2 local heads (alpha 1024/2048, smaller at short n) + long heads scaled to density."""
+    local = [min(1024.0, n / 8), min(2048.0, n / 4)]
+    spread = SPREAD[: hkv - 2] if hkv == 8 else torch.linspace(0.7, 1.3, hkv - 2, dtype=torch.float64)
+    alpha = torch.tensor(local + [0.0] * (hkv - 2), dtype=torch.float64)
+
+    def with_scale(c: float):
+        beta = torch.cat([torch.zeros(2, dtype=torch.float64), (c * spread).clamp(max=1.0)])
+        return alpha, beta
+
+    lo, hi = 0.0, 1.0 / float(spread.min())
+    for _ in range(50):  # bisection on the long heads' scale
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spans.kv_density(*with_scale(mid), n, sink, min_span) < density else (lo, mid)
+    return with_scale(hi)
+
+
+def device_ceilings(size_mb: int) -> dict:
+    src = torch.randn(size_mb * 2**19, device=DEV, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    n = 8192 if CUDA else 256
+    a, b = (torch.randn(n, n, device=DEV, dtype=DTYPE) for _ in range(2))
+    mm_ms = bench(lambda: a @ b)
+    return {"copy_GBps": 2 * size_mb * 2**20 / copy_ms / 1e6, "matmul_TFLOPs": 2 * n**3 / mm_ms / 1e9}
+
+
+def decode_cache(bsz: int, n: int, alpha, beta, sink: int, min_span: int, head_dim: int):
+    """Static cache holding exactly S_g(n) slots per head, filled as docs/internals.md places tokens."""
+    caps = [max(sink + 1, int(s)) for s in spans.span_at(n, alpha, beta, sink, min_span).tolist()]
+    offsets = [sum(caps[:g]) for g in range(len(caps))]
+    total = sum(caps)
+    keys = torch.randn(bsz, total + 1, head_dim, device=DEV, dtype=DTYPE)
+    values = torch.randn_like(keys)
+    slot_pos = torch.full((bsz, total + 1), -1, dtype=torch.int32, device=DEV)
+    for off, cap in zip(offsets, caps, strict=True):
+        ring = cap - sink
+        recent = torch.arange(max(sink, n - ring), n, device=DEV)
+        slot_pos[:, off : off + sink] = torch.arange(sink, device=DEV, dtype=torch.int32)
+        slot_pos[:, off + sink + (recent - sink) % ring] = recent.to(torch.int32)
+    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEV)  # noqa: E731
+    return keys, values, slot_pos, as_dev(offsets), as_dev(caps)
+
+
+def time_dense_decode(bsz: int, n: int, cfg) -> float:
+    """Dense decode baseline: SDPA (flash) with the group's query heads as rows, over the whole cache."""
+    dense_k, dense_v = (torch.randn(bsz, cfg.hkv, n, cfg.head_dim, device=DEV, dtype=DTYPE) for _ in range(2))
+    dense_q = torch.randn(bsz, cfg.hkv, cfg.hq // cfg.hkv, cfg.head_dim, device=DEV, dtype=DTYPE)
+    return bench(graphed(lambda: torch.nn.functional.scaled_dot_product_attention(dense_q, dense_k, dense_v)))
+
+
+def time_moa_decode(bsz: int, n: int, alpha, beta, cfg) -> tuple[float, int]:
+    """MoA decode over a static cache of S_g(n) slots per head; returns (ms, slots read per row)."""
+    cache = decode_cache(bsz, n, alpha, beta, cfg.sink, cfg.min_span, cfg.head_dim)
+    query = torch.randn(bsz, cfg.hq, 1, cfg.head_dim, device=DEV, dtype=DTYPE)
+    q_pos = torch.full((bsz,), n - 1, device=DEV, dtype=torch.int64)
+    rule = (alpha.to(DEV), beta.to(DEV), cfg.sink, cfg.min_span)
+    return bench(graphed(lambda: decode.moa_decode(query, *cache, q_pos, *rule))), cache[0].shape[1] - 1
+
+
+def run_decode(cfg, ceil: dict, rows: list) -> None:
+    for n in cfg.decode_n:
+        for bsz in cfg.decode_b:
+            t_dense = time_dense_decode(bsz, n, cfg)
+            for target in cfg.densities:
+                alpha, beta = make_plan(n, target, cfg.sink, cfg.min_span, cfg.hkv)
+                density = spans.kv_density(alpha, beta, n, cfg.sink, cfg.min_span)
+                t, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
+                read = bsz * slots * (2 * cfg.head_dim * 2 + 4)  # K + V bf16 + slot_pos int32
+                bw = read / t / 1e6
+                row = dict(kind="decode", n=n, batch=bsz, density=round(density, 4), moa_ms=t, dense_ms=t_dense,
+                           ratio=t / t_dense, target_ratio=1.25 * density, bytes=read, GBps=bw,
+                           pct_copy=100 * bw / ceil["copy_GBps"])  # fmt: skip
+                rows.append(row)
+                log(json.dumps(row))
+
+
+def flex_setup(q_len: int, lo: torch.Tensor, hq: int, group: int, sink: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((kv_idx < sink) | (kv_idx >= lo[h // group, q_idx]))
+
+    return lambda: create_block_mask(mask_mod, B=None, H=hq, Q_LEN=q_len, KV_LEN=q_len, device=DEV, _compile=True)
+
+
+def dense_flash(query, key, value):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = query.shape[1] // key.shape[1]
+    rep_k, rep_v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if CUDA else [SDPBackend.MATH]):
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(query, rep_k, rep_v, is_causal=True)  # noqa: E731
+        t_graph = bench(graphed(fn)) if query.shape[2] <= 4096 else None
+        return bench(fn, rep_ms=1000), t_graph
+
+
+def prefill_case(cfg, n: int, target: float, tensors, ceil: dict, t_flash: tuple, flex) -> dict:
+    query, key, value, q_pos = tensors
+    hq, hkv, d, sink, ms = cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span
+    alpha, beta = make_plan(n, target, sink, ms, hkv)
+    rule = (alpha.to(DEV), beta.to(DEV), sink, ms)
+    frac = spans.attention_fraction(alpha, beta, n, sink, ms)
+    t = bench(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule), rep_ms=1000)
+    t_graph = bench(graphed(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule))) if n <= 4096 else None
+    flops = 4 * hq * d * frac * n * (n + 1) / 2
+    moved = (2 * hq + 2 * hkv) * n * d * 2
+    floor_ms = max(flops / ceil["matmul_TFLOPs"] / 1e9, moved / ceil["copy_GBps"] / 1e6)
+    row = dict(kind="prefill", n=n, density=round(spans.kv_density(alpha, beta, n, sink, ms), 4), frac=frac,
+               moa_ms=t, flash_ms=t_flash[0], ratio=t / t_flash[0], moa_graph_ms=t_graph, flash_graph_ms=t_flash[1], target_ratio=1.2 * frac, flops=flops, bytes=moved,
+               TFLOPs=flops / t / 1e9, pct_roofline=100 * floor_ms / t)  # fmt: skip
+    if flex is not None and time.time() < cfg.flex_deadline:
+        lo = prefill.window_lo(q_pos, rule[0], rule[1], sink, ms)[0]  # [Hkv, N]
+        make_mask = flex_setup(n, lo, hq, hq // hkv, sink)
+        make_mask()  # compile the mask creation
+        start = time.perf_counter()
+        block_mask = make_mask()
+        torch.cuda.synchronize()
+        row["flex_mask_ms"] = (time.perf_counter() - start) * 1e3
+        row["flex_ms"] = bench(lambda: flex(query, key, value, block_mask=block_mask, enable_gqa=True), rep_ms=1000)
+        row["flex_vs_moa_err"] = rel(flex(query, key, value, block_mask=block_mask, enable_gqa=True),
+                                     prefill.moa_prefill(query, key, value, q_pos, *rule))  # fmt: skip
+    return row
+
+
+def run_prefill(cfg, ceil: dict, rows: list) -> None:
+    flex = None
+    if CUDA and not cfg.skip_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    for n in cfg.prefill_n:
+        query = torch.randn(1, cfg.hq, n, cfg.head_dim, device=DEV, dtype=DTYPE)
+        key, value = (torch.randn(1, cfg.hkv, n, cfg.head_dim, device=DEV, dtype=DTYPE) for _ in range(2))
+        q_pos = torch.arange(n, device=DEV)[None]
+        t_flash = dense_flash(query, key, value)
+        for target in cfg.densities:
+            try:
+                row = prefill_case(cfg, n, target, (query, key, value, q_pos), ceil, t_flash, flex)
+            except Exception as exc:  # record, keep the run going
+                row = dict(kind="prefill", n=n, target=target, error=repr(exc)[:300])
+            rows.append(row)
+            log(json.dumps(row))
+
+
+def rel(out, ref) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def check_correct(cfg) -> dict:
+    """Kernel vs float64 reference on fresh inputs before any timing (Llama shapes, shorter lengths)."""
+    hq, hkv, d, sink, ms = cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span
+    n = cfg.check_n
+    alpha, beta = make_plan(n, 0.25, sink, ms, hkv)
+    rule = (alpha.to(DEV), beta.to(DEV), sink, ms)
+    query = torch.randn(2, hq, n, d, device=DEV, dtype=DTYPE)
+    key, value = (torch.randn(2, hkv, n, d, device=DEV, dtype=DTYPE) for _ in range(2))
+    q_pos = torch.arange(n, device=DEV)[None].repeat(2, 1)
+    q_pos[1] -= n // 3  # left padding in row 1
+    q_pos[1] = q_pos[1].clamp(min=-1)
+    out = prefill.moa_prefill(query, key, value, q_pos, *rule)
+    ref = reference.moa_attention_ref(query.double(), key.double(), value.double(), q_pos, q_pos, *rule)
+    cache = decode_cache(3, n, alpha, beta, sink, ms, d)
+    dq = torch.randn(3, hq, 1, d, device=DEV, dtype=DTYPE)
+    dpos = torch.full((3,), n - 1, device=DEV)
+    dout = decode.moa_decode(dq, *cache, dpos, *rule)
+    dref = decode.moa_decode_ref(dq.double(), cache[0].double(), cache[1].double(), *cache[2:], dpos, *rule)
+    result = {"prefill_rel_err": rel(out, ref), "decode_rel_err": rel(dout, dref)}
+    log(json.dumps(result))
+    if not (result["prefill_rel_err"] < 1e-2 and result["decode_rel_err"] < 1e-2):
+        raise SystemExit(f"kernels disagree with the reference: {result}")
+    return result
+
+
+def sweep_prefill(cfg, bucket: int, n: int) -> dict:
+    """Time every prefill candidate at length n (density 25%) and install the best for PREFILL_CONFIGS[bucket]."""
+    alpha, beta = make_plan(n, 0.25, cfg.sink, cfg.min_span, cfg.hkv)
+    rule = (alpha.to(DEV), beta.to(DEV), cfg.sink, cfg.min_span)
+    query = torch.randn(1, cfg.hq, n, cfg.head_dim, device=DEV, dtype=DTYPE)
+    key, value = (torch.randn(1, cfg.hkv, n, cfg.head_dim, device=DEV, dtype=DTYPE) for _ in range(2))
+    q_pos = torch.arange(n, device=DEV)[None]
+    lo = prefill.window_lo(q_pos, *rule)
+    timings = {}
+    for bm, bn, warps, stages in cfg.prefill_candidates:
+        conf = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+        try:
+            fn = lambda: prefill._launch_prefill(query, key, value, q_pos, lo, None, 128**-0.5, cfg.sink, conf)  # noqa: B023,E731
+            timings[json.dumps(conf)] = bench(fn, rep_ms=300)
+        except Exception as exc:
+            log("prefill config failed", conf, repr(exc)[:200])
+    log(f"prefill sweep n={n}", timings)
+    best = json.loads(min(timings, key=timings.get))
+    prefill.PREFILL_CONFIGS[bucket] = (prefill.PREFILL_CONFIGS[bucket][0], best)
+    return best
+
+
+def sweep_decode(cfg) -> dict:
+    """Time every decode candidate (CUDA-graph replays) on one bandwidth-bound shape; install the best."""
+    n, bsz = cfg.sweep_decode_n, cfg.sweep_decode_b
+    alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
+    timings = {}
+    for bn, warps, stages, per_sm in cfg.decode_candidates:
+        decode.DECODE_CONFIG.update(
+            {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
+        )
+        try:
+            timings[json.dumps(dict(decode.DECODE_CONFIG))] = time_moa_decode(bsz, n, alpha, beta, cfg)[0]
+        except Exception as exc:
+            log("decode config failed", bn, warps, stages, per_sm, repr(exc)[:200])
+    log("decode sweep", timings)
+    best = json.loads(min(timings, key=timings.get))
+    decode.DECODE_CONFIG.update(best)
+    return best
+
+
+def sweep(cfg) -> dict:
+    """Pick the launch configs on this device before the tables (prefill per length bucket, decode once)."""
+    chosen = {f"prefill_{n}": sweep_prefill(cfg, bucket, n) for bucket, n in enumerate(cfg.sweep_n)}
+    chosen["decode"] = sweep_decode(cfg)
+    return chosen
+
+
+class BenchConfig(argparse.Namespace):
+    """Shapes of one run (Llama-3-8B attention: 32 q heads, 8 kv heads, d=128, bf16; sink 64, min_span 128)."""
+
+    hq, hkv, head_dim, sink, min_span = 32, 8, 128, 64, 128
+    densities = (0.5, 0.25)
+    decode_n = (8192, 32768, 131072)
+    decode_b = (1, 16, 64)
+    prefill_n = (1024, 4096, 16384, 32768, 131072)
+    check_n, sweep_n, sweep_decode_n, sweep_decode_b = 3000, (4096, 16384, 65536), 32768, 16
+    prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                          (128, 128, 8, 2), (128, 64, 8, 4))  # fmt: skip
+    decode_candidates = ((64, 8, 4, 8), (64, 8, 4, 24), (64, 4, 4, 8), (64, 4, 4, 24), (128, 8, 3, 8),
+                         (128, 8, 3, 24), (32, 4, 4, 24), (64, 8, 3, 48))  # fmt: skip
+    copy_mb = 4096
+    flex_deadline = float("inf")
+
+    @classmethod
+    def smoke(cls) -> BenchConfig:
+        cfg = cls()
+        cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
+        cfg.decode_n, cfg.decode_b, cfg.prefill_n = (96,), (2,), (64, 100)
+        cfg.check_n, cfg.sweep_n, cfg.sweep_decode_n, cfg.sweep_decode_b, cfg.copy_mb = 70, (64, 80, 96), 96, 2, 8
+        cfg.prefill_candidates = ((16, 16, 1, 1),)
+        cfg.decode_candidates = ((16, 1, 1, 8),)
+        return cfg
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: list, ceil: dict) -> str:
+    lines = ["### Decode (one token per row, CUDA-graph replays; dense = SDPA flash over the full cache)", "",
+             "| context | batch | KV density | MoA ms | dense ms | time ratio | target <= 1.25 x density "
+             "| bytes read (MB) | GB/s | % of copy BW (target >= 80) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in (r for r in rows if r["kind"] == "decode"):
+        ok = "yes" if r["ratio"] <= r["target_ratio"] else "NO"
+        lines.append(f"| {r['n']} | {r['batch']} | {r['density']:.3f} | {r['moa_ms']:.4f} | {r['dense_ms']:.4f} "
+                     f"| {r['ratio']:.3f} | {r['target_ratio']:.3f} ({ok}) | {r['bytes'] / 1e6:.1f} | {r['GBps']:.0f} "
+                     f"| {r['pct_copy']:.1f} |")  # fmt: skip
+    lines += ["", "### Prefill (B=1; dense = SDPA FlashAttention causal; flex = compiled FlexAttention, same mask)", "",
+              "| N | KV density | f (kept fraction) | MoA ms | flash ms | ratio | target <= 1.2 f (N >= 16k) "
+              "| flex ms | flex mask ms | MoA / flash ms, graph replay | TFLOP/s | % of roofline |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in (r for r in rows if r["kind"] == "prefill"):
+        if "error" in r:
+            lines.append(f"| {r['n']} | target {r['target']} | error: {r['error']} |")
+            continue
+        ok = "yes" if r["ratio"] <= r["target_ratio"] else "NO"
+        lines.append(f"| {r['n']} | {r['density']:.3f} | {r['frac']:.3f} | {r['moa_ms']:.3f} | {r['flash_ms']:.3f} "
+                     f"| {r['ratio']:.3f} | {r['target_ratio']:.3f} ({ok}) | {fmt(r.get('flex_ms'), '.3f')} "
+                     f"| {fmt(r.get('flex_mask_ms'), '.1f')} | {fmt(r.get('moa_graph_ms'), '.3f')} / "
+                     f"{fmt(r.get('flash_graph_ms'), '.3f')} | {r['TFLOPs']:.0f} | {r['pct_roofline']:.1f} |")  # fmt: skip
+    lines += ["", f"Ceilings measured in this run: copy {ceil['copy_GBps']:.0f} GB/s (read + write), "
+              f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s (8192^3)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    import triton
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
+    parser.add_argument("--skip-flex", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--flex-budget-s", type=float, default=330.0, help="stop timing flex after this many s")
+    args = parser.parse_args()
+    cfg = BenchConfig.smoke() if args.smoke else BenchConfig()
+    cfg.skip_flex = args.skip_flex
+    cfg.flex_deadline = time.time() + args.flex_budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    info = {"env": environment(), "check": check_correct(cfg)}
+    info["ceilings"] = device_ceilings(cfg.copy_mb)
+    log(json.dumps(info))
+    info["chosen"] = {} if args.no_sweep else sweep(cfg)
+    rows: list = []
+    for stage in (run_decode, run_prefill):
+        stage(cfg, info["ceilings"], rows)
+        (args.out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        (args.out / "results.md").write_text(markdown(rows, info["ceilings"]))
+    log(json.dumps(info))
+    log(markdown(rows, info["ceilings"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""Triton prefill kernel for MoA attention: causal flash attention over the sink and the band only.
+
+Each program owns one query block of one query head. It visits, in key-index space,
+(1) the old cache slots of its kv head (chunked prefill / multi-turn only), (2) the key blocks that
+hold sink positions, (3) the band from the lowest window edge of its queries to the diagonal.
+Visibility inside every visited tile is the contract's, element by element, with the window edge
+``lo = i - W(i + 1) + 1`` computed in torch by ``window_at`` (never re-derived here), so the result
+equals ``moa_attention_ref``. Tiles strictly inside the band skip the mask. GQA: query head h reads
+kv head ``h // group`` directly; K/V are never repeated. Inputs bf16/fp16/fp32, fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .moa_reference import moa_attention_ref
+from .moa_spans import window_at
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    _BIG_C = tl.constexpr(2**40)
+except ImportError:  # CPU-only installs fall back to the torch reference
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+_BIG = 2**40  # "no window edge" for padding queries (positions are far below this)
+
+
+def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> torch.Tensor:
+    """First visible window position per (row, kv head, query): ``i - W(i + 1) + 1``; huge for padding.
+
+    q_pos: [B, L] int64 (or [B]); alpha/beta: [Hkv]. Returns [B, Hkv, L] (or [B, Hkv]) int64, on device,
+    without host synchronisation.
+    """
+    pos = q_pos.unsqueeze(1)  # [B, 1, L]
+    shape = (1, -1) + (1,) * (q_pos.dim() - 1)
+    a = alpha.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
+    b = beta.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
+    n = pos.clamp(min=0) + 1
+    return torch.where(pos >= 0, n - window_at(n, a, b, sink, min_span), _BIG)  # i - W + 1 == n - W
+
+
+# the interpreter is chosen when the kernels are defined (triton.jit reads TRITON_INTERPRET then)
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """The Triton path runs on CUDA tensors, or on CPU tensors when imported under TRITON_INTERPRET=1."""
+    return HAS_TRITON and (tensor.is_cuda or INTERPRETED)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _attend_tile(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, k_pos, load_mask, qp, lo,
+        sm_scale_log2, SINK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # k, v: [BLOCK_N, D]; k_pos: [BLOCK_N]; qp, lo: [BLOCK_M]
+        k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            kp = k_pos[None, :]
+            visible = load_mask[None, :] & (kp >= 0) & (kp <= qp[:, None])
+            visible = visible & ((kp < SINK) | (kp >= lo[:, None]))
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        corr = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * corr + tl.sum(p, 1)
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attend_range(
+        acc, m_i, l_i, q, k_base, v_base, q_row, first, stop, qp, lo, stride_kn, stride_vn,
+        sm_scale_log2, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start in range(first, stop, BLOCK_N):
+            idx = start + offs_n
+            ok = idx < stop
+            kp = idx.to(tl.int64)
+            if MASKED:
+                kp = tl.load(q_row + idx, mask=ok, other=-1)
+            k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, ok, qp, lo, sm_scale_log2, SINK, MASKED, DOT_PRECISION
+            )
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _moa_prefill_fwd(
+        Q, K, V, Out, QPos, WinLo,
+        CacheK, CacheV, SlotPos, HeadOff, HeadCap,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_pb, stride_wb, stride_wh,
+        stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+        seq_len, num_q_heads, sm_scale_log2,
+        GROUP: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CACHE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // num_q_heads).to(tl.int64)  # int64: offsets of large batches pass 2**31
+        h = (pid_bh % num_q_heads).to(tl.int64)
+        g = h // GROUP
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_seq = offs_m < seq_len
+
+        # query positions and window edges of this block; padding rows have qp < 0
+        qp = tl.load(QPos + b * stride_pb + offs_m, mask=in_seq, other=-1)
+        lo = tl.load(WinLo + b * stride_wb + g * stride_wh + offs_m, mask=in_seq, other=_BIG_C)
+        q_ok = qp >= 0
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_seq[:, None]
+        )
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        if HAS_CACHE:  # old cache contents of kv head g: every slot, positions from slot_pos
+            first = tl.load(HeadOff + g).to(tl.int32)
+            stop = first + tl.load(HeadCap + g).to(tl.int32)
+            for start in range(first, stop, BLOCK_N):
+                slots = start + offs_n
+                in_head = slots < stop
+                kp = tl.load(SlotPos + b * stride_sb + slots, mask=in_head, other=-1).to(tl.int64)
+                k_ptrs = CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :]
+                v_ptrs = CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :]
+                acc, m_i, l_i = _attend_tile(
+                    acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, in_head, qp, lo, sm_scale_log2, SINK, True, DOT_PRECISION
+                )
+
+        # positions of valid tokens are consecutive and end the row: index t holds position t + shift
+        last_pos = tl.load(QPos + b * stride_pb + seq_len - 1)
+        shift = last_pos - (seq_len - 1)
+        lo_min = tl.min(tl.where(q_ok, lo, _BIG_C))
+        lo_max = tl.max(tl.where(q_ok, lo, -1))
+        row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len)
+        band_lo = tl.minimum(tl.maximum(lo_min - shift, 0), row_end)
+        band_lo = (band_lo // BLOCK_N) * BLOCK_N
+        band_hi = tl.where(last_pos >= 0, row_end, 0)
+        sink_end = tl.minimum(tl.maximum(SINK - shift, 0), band_lo)
+        full_lo = lo_max - shift  # tiles at or after this index (and before the block) need no mask
+        kv_base_k = K + b * stride_kb + g * stride_kh
+        kv_base_v = V + b * stride_vb + g * stride_vh
+
+        q_row = QPos + b * stride_pb
+        # three key ranges of the band, tiles aligned to BLOCK_N: [band_lo, inner_lo) left edge (masked),
+        # [inner_lo, inner_hi) every key valid, in every query's window and before the block (no mask),
+        # [inner_hi, band_hi) the diagonal (masked)
+        inner_lo = tl.minimum(tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, band_lo), band_hi)
+        # padding precedes the valid tokens: if key inner_lo is valid, all later keys are; else mask everything
+        inner_ok = tl.load(q_row + inner_lo, mask=inner_lo < seq_len, other=-1) >= 0
+        inner_lo = tl.where(inner_ok, inner_lo, band_hi)
+        inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            0,
+            sink_end,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            band_lo,
+            inner_lo,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            inner_lo,
+            inner_hi,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_range(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_base_k,
+            kv_base_v,
+            q_row,
+            inner_hi,
+            band_hi,
+            qp,
+            lo,
+            stride_kn,
+            stride_vn,
+            sm_scale_log2,
+            SINK,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+        )
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = tl.where(q_ok[:, None], acc / l_safe[:, None], 0.0)
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_seq[:, None])
+
+
+def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
+    """Block sizes: tiny tiles under the interpreter, FlashAttention-like tiles on Hopper by chunk length."""
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    for max_len, config in PREFILL_CONFIGS:
+        if seq_len <= max_len:
+            return dict(config)
+    return dict(PREFILL_CONFIGS[-1][1])
+
+
+# (longest chunk, launch config), d=128 bf16: the winners of the H200 sweep in benchmarks/RESULTS.md (2026-11-24)
+PREFILL_CONFIGS = [
+    (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+]
+
+
+def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int, config: dict | None = None):
+    # query: [B, Hq, L, D]; key/value: [B, Hkv, L, D]; lo: [B, Hkv, L]
+    bsz, num_q_heads, seq_len, head_dim = query.shape
+    group = num_q_heads // key.shape[1]
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    q_pos = q_pos.to(torch.int64).contiguous()
+    lo = lo.contiguous()
+    out = torch.empty_like(query)
+    interpret = INTERPRETED
+    cfg = config or _prefill_config(head_dim, seq_len, interpret)
+    if cache is None:
+        cache_k, cache_v, slot_pos, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
+        ck_strides = (0, 0, 0, 0, 0)
+    else:
+        cache_k, cache_v, slot_pos, head_off, head_cap = cache
+        ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
+    _moa_prefill_fwd[grid](
+        query, key, value, out, q_pos, lo,
+        cache_k, cache_v, slot_pos, head_off, head_cap,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        q_pos.stride(0), lo.stride(0), lo.stride(1),
+        *ck_strides,
+        seq_len, num_q_heads, scale * 1.4426950408889634,
+        GROUP=group, SINK=sink, HEAD_DIM=head_dim, HAS_CACHE=cache is not None, DOT_PRECISION=precision,
+        **cfg,
+    )  # fmt: skip
+    return out
+
+
+def _check_shapes(query: torch.Tensor, key: torch.Tensor, q_pos: torch.Tensor) -> None:
+    bsz, num_q_heads, seq_len, head_dim = query.shape
+    if num_q_heads % key.shape[1] != 0:
+        raise ValueError(f"query heads {num_q_heads} not a multiple of kv heads {key.shape[1]}: check the model config")
+    if q_pos.shape != (bsz, seq_len):
+        raise ValueError(f"q_pos shape {tuple(q_pos.shape)} != (batch, length) {(bsz, seq_len)}: pass one id per token")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {head_dim} unsupported by the Triton kernel: use MOA_BACKEND=torch")
+
+
+_DENSE_LEN: dict = {}
+
+
+def dense_length(alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> int:
+    """Largest n (up to 2**20) at which every head is still dense (S(n) == n), cached per plan tensor.
+
+    The first call for a plan copies alpha/beta to the host (one sync); later calls cost nothing.
+    """
+    key = (alpha.data_ptr(), alpha._version, beta.data_ptr(), beta._version, str(alpha.device), sink, min_span)
+    if key not in _DENSE_LEN:
+        a, b = alpha.detach().double().cpu().reshape(-1, 1), beta.detach().double().cpu().reshape(-1, 1)
+        steps = torch.arange(1, 2**20 + 1, dtype=torch.int64)
+        dense = (window_at(steps, a, b, sink, min_span) + sink == steps).all(dim=0)  # S(n) == n for every head
+        _DENSE_LEN[key] = int(dense.to(torch.int64).cumprod(0).sum())  # dense for all n <= this (S(n) <= n)
+    return _DENSE_LEN[key]
+
+
+def _all_dense(q_pos, alpha, beta, sink: int, min_span: int) -> bool:
+    """Every head dense over the chunk and rows start at 0 unpadded; syncs only for chunks short enough."""
+    if q_pos.shape[-1] > dense_length(alpha, beta, sink, min_span):
+        return False
+    return bool((q_pos[:, 0] == 0).all())
+
+
+def moa_prefill(query, key, value, q_pos, alpha, beta, sink: int, min_span: int, scale: float | None = None):
+    """MoA self-attention of a fresh chunk (keys = the chunk's own tokens).
+
+    query: [B, Hq, L, D]; key/value: [B, Hkv, L, D]; q_pos: [B, L] int64 (negative = left padding).
+    alpha/beta: [Hkv]. Returns [B, Hq, L, D]; padding rows are zeros. Equals
+    ``moa_attention_ref(query, key, value, q_pos, q_pos, alpha, beta, sink, min_span)``.
+    """
+    _check_shapes(query, key, q_pos)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(query):
+        return moa_attention_ref(query, key, value, q_pos, q_pos, alpha, beta, sink, min_span, scale)
+    if query.is_cuda and _all_dense(q_pos, alpha, beta, sink, min_span):  # short inputs: dense flash is faster
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+        )
+    lo = window_lo(q_pos, alpha, beta, sink, min_span)
+    return _launch_prefill(query, key, value, q_pos, lo, None, scale, sink)
+
+
+def moa_prefill_with_cache(
+    query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
+    alpha, beta, sink: int, min_span: int, scale: float | None = None,
+):  # fmt: skip
+    """MoA attention of a chunk over (old cache contents of its kv head) + (its own keys).
+
+    cache_keys/values: [B, C + 1, D]; slot_pos: [B, C + 1] int32 (-1 = empty); head g owns slots
+    ``[head_offset[g], head_offset[g] + head_capacity[g])``. Other arguments as in ``moa_prefill``.
+    """
+    _check_shapes(query, key, q_pos)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(query):
+        return moa_prefill_with_cache_ref(
+            query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
+            alpha, beta, sink, min_span, scale,
+        )  # fmt: skip
+    lo = window_lo(q_pos, alpha, beta, sink, min_span)
+    cache = (
+        cache_keys if cache_keys.stride(-1) == 1 else cache_keys.contiguous(),
+        cache_values if cache_values.stride(-1) == 1 else cache_values.contiguous(),
+        slot_pos.to(torch.int32).contiguous(),
+        head_offset.to(device=query.device, dtype=torch.int32),
+        head_capacity.to(device=query.device, dtype=torch.int32),
+    )
+    return _launch_prefill(query, key, value, q_pos, lo, cache, scale, sink)
+
+
+def gather_head_slots(cache_keys, cache_values, slot_pos, head_offset, head_capacity):
+    """Cache slots per kv head as dense tensors: keys/values [B, Hkv, Cmax, D], positions [B, Hkv, Cmax]."""
+    offsets = [int(o) for o in head_offset.tolist()]
+    caps = [int(c) for c in head_capacity.tolist()]
+    width = max(caps)
+    bsz, _, head_dim = cache_keys.shape
+    keys = cache_keys.new_zeros(bsz, len(caps), width, head_dim)
+    values = cache_values.new_zeros(bsz, len(caps), width, head_dim)
+    pos = torch.full((bsz, len(caps), width), -1, dtype=torch.int64, device=cache_keys.device)
+    for g, (off, cap) in enumerate(zip(offsets, caps, strict=True)):
+        keys[:, g, :cap] = cache_keys[:, off : off + cap]
+        values[:, g, :cap] = cache_values[:, off : off + cap]
+        pos[:, g, :cap] = slot_pos[:, off : off + cap]
+    return keys, values, pos
+
+
+def moa_prefill_with_cache_ref(
+    query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
+    alpha, beta, sink: int, min_span: int, scale: float | None = None,
+):  # fmt: skip
+    """Pure-torch ``moa_prefill_with_cache``: the reference on (cache slots of each head) + (the chunk)."""
+    keys, values, pos = gather_head_slots(cache_keys, cache_values, slot_pos, head_offset, head_capacity)
+    k_all = torch.cat([keys, key], dim=2)  # [B, Hkv, Cmax + L, D]
+    v_all = torch.cat([values, value], dim=2)
+    chunk_pos = q_pos.to(torch.int64)[:, None].expand(-1, key.shape[1], -1)
+    return moa_attention_ref(
+        query, k_all, v_all, q_pos, torch.cat([pos, chunk_pos], dim=-1), alpha, beta, sink, min_span, scale
+    )

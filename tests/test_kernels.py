@@ -1,0 +1,297 @@
+"""MoA Triton kernels against the reference: CPU under TRITON_INTERPRET=1 (tiny shapes), GPU when present.
+
+Every check compares the kernel, plain torch in the same dtype and a float64 reference on fresh random
+inputs; the kernel may drift from float64 by a small multiple of what torch in the same dtype drifts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moa_hub.remote import remote_module
+
+os.environ.setdefault("HF_TOKEN", "")
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # read at launch time by the kernels' use_triton()
+triton = pytest.importorskip("triton")
+
+prefill = remote_module("moa_prefill")
+decode = remote_module("moa_decode")
+# triton's own helpers (tl.max, tl.sum) are compiled or interpreted when triton is first imported, so the
+# interpreter works only if TRITON_INTERPRET=1 was set before that (here, or in tests/conftest.py)
+needs_interpreter = pytest.mark.skipif(
+    INTERPRET and not prefill.INTERPRETED,
+    reason="triton was imported before TRITON_INTERPRET=1 was set: set it at the top of tests/conftest.py",
+)
+reference = remote_module("moa_reference")
+spans = remote_module("moa_spans")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 rejects."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_moa_index_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._moa_index_patched = True
+
+
+if INTERPRET:
+    patch_interpreter_index()
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# interpreter tiles are 16 wide: spans 15/16/17/32 straddle block boundaries
+PLANS = {
+    "mha_sink4": dict(hkv=4, hq=4, sink=4, min_span=8, alpha=[16.0, 15.0, 2.0, 40.0], beta=[0.0, 0.0, 0.5, 1.0]),
+    "gqa_sink0": dict(hkv=2, hq=6, sink=0, min_span=8, alpha=[17.0, -3.0], beta=[0.0, 0.55]),
+    "gqa_sink5": dict(hkv=2, hq=4, sink=5, min_span=9, alpha=[32.0, 1.5], beta=[0.0, 0.3]),
+}
+
+
+def skip_bf16_on_interpreter(dtype: torch.dtype) -> None:
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter computes bf16 dots wrongly (numpy has no bf16); checked on GPU")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def plan_tensors(plan: dict):
+    return torch.tensor(plan["alpha"], device=DEVICE), torch.tensor(plan["beta"], device=DEVICE)
+
+
+def torch_same_dtype(query, key, value, q_pos, k_pos, alpha, beta, sink, min_span):
+    """Plain torch in the inputs' dtype: masked SDPA with repeated K/V (the drift yardstick)."""
+    group = query.shape[1] // key.shape[1]
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None].expand(-1, key.shape[1], -1)
+    a, b = alpha.reshape(1, -1, 1, 1), beta.reshape(1, -1, 1, 1)
+    qp = q_pos[:, None].expand(-1, key.shape[1], -1)
+    mask = spans.visible_mask(qp, k_pos, a, b, sink, min_span) & (qp >= 0)[..., None]  # [B, Hkv, Lq, Lk]
+    mask = mask.repeat_interleave(group, 1)
+    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    out = torch.softmax((query @ k.transpose(-1, -2)) * query.shape[-1] ** -0.5 + bias, dim=-1).nan_to_num(0.0) @ v
+    return out
+
+
+def check_close(out, ref64, same_dtype, dtype) -> None:
+    """Kernel error vs float64 within a few times the drift of torch in the same dtype."""
+    assert not torch.isnan(out).any()
+    err, drift = rel_err(out, ref64), rel_err(same_dtype, ref64)
+    limit = 1e-5 if dtype == torch.float32 else 3 * drift + 1e-3
+    assert err <= limit, f"kernel error {err:.2e} > {limit:.2e} (torch {dtype} drift {drift:.2e})"
+
+
+def chunk_positions(lengths: list[int], width: int, starts: list[int]) -> torch.Tensor:
+    """q_pos [B, width]: row b has lengths[b] valid tokens at the end (left padding -1) from starts[b]."""
+    pos = torch.full((len(lengths), width), -1, dtype=torch.int64)
+    for b, (n, s) in enumerate(zip(lengths, starts, strict=True)):
+        pos[b, width - n :] = torch.arange(s, s + n)
+    return pos.to(DEVICE)
+
+
+def build_cache(keys, values, lengths: list[int], caps: list[int], sink: int):
+    """Cache in the docs/internals.md layout from full histories keys/values [B, Hkv, T, D] (token t at pos t).
+
+    Sink position p < sink at off + p; ring position p at off + sink + (p - sink) % (cap - sink), only the
+    last cap - sink positions kept. Empty slots hold random keys with position -1; last slot is trash.
+    """
+    bsz, num_kv_heads, _, head_dim = keys.shape
+    offsets = [sum(caps[:g]) for g in range(num_kv_heads)]
+    total = sum(caps)
+    cache_k = torch.randn(bsz, total + 1, head_dim, dtype=keys.dtype, device=keys.device)
+    cache_v = torch.randn(bsz, total + 1, head_dim, dtype=keys.dtype, device=keys.device)
+    slot_pos = torch.full((bsz, total + 1), -1, dtype=torch.int32, device=keys.device)
+    for b, n in enumerate(lengths):
+        for g, (off, cap) in enumerate(zip(offsets, caps, strict=True)):
+            ring = cap - sink
+            for p in list(range(min(sink, n))) + list(range(max(sink, n - ring), n)):
+                slot = off + p if p < sink else off + sink + (p - sink) % ring
+                cache_k[b, slot], cache_v[b, slot], slot_pos[b, slot] = keys[b, g, p], values[b, g, p], p
+    as_dev = lambda xs: torch.tensor(xs, dtype=torch.int32, device=keys.device)  # noqa: E731
+    return cache_k, cache_v, slot_pos, as_dev(offsets), as_dev(caps)
+
+
+def cache_caps(plan: dict, n_max: int, extra: list[int]) -> list[int]:
+    alpha, beta = plan_tensors(plan)
+    need = spans.span_at(torch.tensor(n_max), alpha.double().cpu(), beta.double().cpu(), plan["sink"], plan["min_span"])
+    return [max(plan["sink"] + 1, int(s)) + e for s, e in zip(need.tolist(), extra, strict=True)]
+
+
+PREFILL_CASES = [  # (plan, dtype, lengths, starts, width)
+    ("mha_sink4", torch.float32, [37, 50], [0, 0], 50),
+    ("gqa_sink0", torch.float16, [45, 33], [0, 0], 45),
+    ("gqa_sink5", torch.bfloat16, [64, 17], [3, 0], 64),
+    ("gqa_sink5", torch.float16, [64, 17], [3, 0], 64),
+    ("gqa_sink5", torch.float32, [20, 31], [70, 9], 33),
+    ("gqa_sink0", torch.float32, [0, 29], [0, 4], 29),  # a row of padding only
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,dtype,lengths,starts,width", PREFILL_CASES)
+def test_prefill_matches_reference(name, dtype, lengths, starts, width):
+    skip_bf16_on_interpreter(dtype)
+    plan = PLANS[name]
+    alpha, beta = plan_tensors(plan)
+    bsz, head_dim = len(lengths), 16
+    query = torch.randn(bsz, plan["hq"], width, head_dim, device=DEVICE, dtype=dtype)
+    key = torch.randn(bsz, plan["hkv"], width, head_dim, device=DEVICE, dtype=dtype)
+    value = torch.randn(bsz, plan["hkv"], width, head_dim, device=DEVICE, dtype=dtype)
+    q_pos = chunk_positions(lengths, width, starts)
+    args = (q_pos, alpha, beta, plan["sink"], plan["min_span"])
+    out = prefill.moa_prefill(query, key, value, *args)
+    ref64 = reference.moa_attention_ref(query.double(), key.double(), value.double(), q_pos, *args)
+    same = torch_same_dtype(query, key, value, q_pos, *args)
+    check_close(out, ref64, same, dtype)
+    padding = (q_pos < 0)[:, None].expand_as(out[..., 0])  # [B, Hq, L]
+    assert out[padding].abs().sum().item() == 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,dtype", [("mha_sink4", torch.float32), ("gqa_sink5", torch.float16),
+                                        ("gqa_sink0", torch.bfloat16)])  # fmt: skip
+def test_prefill_with_cache_matches_reference(name, dtype):
+    skip_bf16_on_interpreter(dtype)
+    plan = PLANS[name]
+    alpha, beta = plan_tensors(plan)
+    history, chunk_lengths, width, head_dim = [41, 66], [18, 11], 18, 16
+    total = [h + c for h, c in zip(history, chunk_lengths, strict=True)]
+    keys = torch.randn(2, plan["hkv"], max(total), head_dim, device=DEVICE, dtype=dtype)
+    values = torch.randn_like(keys)
+    caps = cache_caps(plan, max(history), extra=[0, 3, 1, 0][: plan["hkv"]])
+    cache = build_cache(keys, values, history, caps, plan["sink"])
+    q_pos = chunk_positions(chunk_lengths, width, history)
+    gather = torch.where(q_pos >= 0, q_pos, 0)[:, None, :, None].expand(-1, plan["hkv"], -1, head_dim)
+    key, value = keys.gather(2, gather), values.gather(2, gather)  # [B, Hkv, width, D] the chunk's own keys
+    query = torch.randn(2, plan["hq"], width, head_dim, device=DEVICE, dtype=dtype)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    out = prefill.moa_prefill_with_cache(query, key, value, q_pos, *cache, *rule)
+    ref64 = prefill.moa_prefill_with_cache_ref(query.double(), key.double(), value.double(), q_pos,
+                                               cache[0].double(), cache[1].double(), *cache[2:], *rule)  # fmt: skip
+    hist_pos = torch.arange(max(total), device=DEVICE)[None].expand(2, -1)
+    hist_pos = torch.where(hist_pos < torch.tensor(total, device=DEVICE)[:, None], hist_pos, -1)
+    full64 = reference.moa_attention_ref(query.double(), keys.double(), values.double(), q_pos, hist_pos, *rule)
+    assert rel_err(ref64, full64) < 1e-12  # the layout keeps every key the contract can still see
+    same = torch_same_dtype(query, keys, values, q_pos, hist_pos, *rule)
+    check_close(out, ref64, same, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,dtype", [("mha_sink4", torch.float32), ("gqa_sink0", torch.float16),
+                                        ("gqa_sink5", torch.float16), ("gqa_sink5", torch.bfloat16)])  # fmt: skip
+def test_decode_matches_reference(name, dtype):
+    skip_bf16_on_interpreter(dtype)
+    plan = PLANS[name]
+    alpha, beta = plan_tensors(plan)
+    lengths, head_dim = [75, 16, 130], 16
+    keys = torch.randn(3, plan["hkv"], max(lengths), head_dim, device=DEVICE, dtype=dtype)
+    values = torch.randn_like(keys)
+    caps = cache_caps(plan, max(lengths), extra=[2, 0, 5, 1][: plan["hkv"]])
+    cache = build_cache(keys, values, lengths, caps, plan["sink"])
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    query = torch.randn(3, plan["hq"], 1, head_dim, device=DEVICE, dtype=dtype)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    out = decode.moa_decode(query, *cache, q_pos, *rule)
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    hist_pos = torch.arange(max(lengths), device=DEVICE)[None].expand(3, -1)
+    hist_pos = torch.where(hist_pos < q_pos[:, None] + 1, hist_pos, -1)
+    full64 = reference.moa_attention_ref(
+        query.double(), keys.double(), values.double(), q_pos[:, None], hist_pos, *rule
+    )
+    assert rel_err(ref64, full64) < 1e-12
+    same = torch_same_dtype(query, keys, values, q_pos[:, None], hist_pos, *rule)
+    check_close(out, ref64, same, dtype)
+
+
+@needs_interpreter
+def test_kernels_run_triton_not_the_reference():
+    probe = torch.zeros(1, device=DEVICE)
+    assert prefill.use_triton(probe), "the Triton path is off: these tests would compare the reference with itself"
+
+
+def test_decode_work_list_covers_every_slot_once():
+    caps = torch.tensor([5, 300, 64, 129, 1], dtype=torch.int32)
+    head, split, start, count = decode.decode_work_list(caps, 64, int(caps.sum()))
+    for g, cap in enumerate(caps.tolist()):
+        items = (head == g).nonzero().flatten()
+        assert items.tolist() == list(range(int(start[g]), int(start[g]) + int(count[g])))
+        covered = sorted(
+            s for w in items.tolist() for s in range(int(split[w]) * 64, min(cap, int(split[w]) * 64 + 64))
+        )
+        assert covered == list(range(cap))
+    assert (head[int(count.sum()) :] == -1).all()
+
+
+def test_window_lo_is_the_contract_edge():
+    alpha, beta = torch.tensor([20.0, -7.0]), torch.tensor([0.0, 0.7])
+    q_pos = torch.tensor([[-1, 0, 5, 6, 40, 41]])
+    lo = prefill.window_lo(q_pos, alpha, beta, 4, 10)  # [1, 2, 6]
+    k_pos = torch.arange(45)
+    for g in range(2):
+        mask = spans.visible_mask(q_pos[0, 1:], k_pos, alpha[g].item(), beta[g].item(), 4, 10)
+        for row, i in zip(mask, q_pos[0, 1:].tolist(), strict=True):
+            edge = int(lo[0, g, q_pos[0].tolist().index(i)])
+            assert row.tolist() == [(j < 4 or j >= edge) and j <= i for j in range(45)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_prefill_long_ragged(dtype):
+    plan = dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[300.0, -100.0], beta=[0.0, 0.45])
+    alpha, beta = plan_tensors(plan)
+    lengths, width = [1000, 777], 1000
+    query = torch.randn(2, 8, width, 128, device=DEVICE, dtype=dtype)
+    key, value = (torch.randn(2, 2, width, 128, device=DEVICE, dtype=dtype) for _ in range(2))
+    q_pos = chunk_positions(lengths, width, [0, 50])
+    args = (q_pos, alpha, beta, plan["sink"], plan["min_span"])
+    out = prefill.moa_prefill(query, key, value, *args)
+    ref64 = reference.moa_attention_ref(query.double(), key.double(), value.double(), q_pos, *args)
+    check_close(out, ref64, torch_same_dtype(query, key, value, q_pos, *args), dtype)
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_cuda_graph():
+    plan = dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[200.0, 10.0], beta=[0.0, 0.6])
+    alpha, beta = plan_tensors(plan)
+    lengths = [3000, 1700]
+    keys = torch.randn(2, 2, 3000, 128, device=DEVICE, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    cache = build_cache(keys, values, lengths, cache_caps(plan, 3000, [0, 7]), plan["sink"])
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    query = torch.randn(2, 8, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    eager = decode.moa_decode(query, *cache, q_pos, *rule)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode.moa_decode(query, *cache, q_pos, *rule)
+    query.copy_(torch.randn_like(query))
+    graph.replay()
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    assert rel_err(captured, ref64) < 1e-2 and rel_err(eager, captured) > 0
+
+
+def test_dense_length_is_where_the_first_head_stops_being_dense():
+    alpha, beta = torch.tensor([300.0, 40.0, -5.0]), torch.tensor([0.0, 0.5, 1.0])
+    steps = torch.arange(1, 3000)
+    dense = [bool((spans.span_at(n, alpha.double(), beta.double(), 4, 16) == n).all()) for n in steps.tolist()]
+    expected = dense.index(False)  # lengths 1..expected are dense for every head
+    assert prefill.dense_length(alpha, beta, 4, 16) == expected == 16  # head 2 (n - 5) is dense only up to min_span
+    assert prefill.dense_length(torch.tensor([5000.0]), torch.tensor([0.0]), 4, 16) == 5000
