@@ -7,12 +7,36 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_TOKEN", "")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MOA_BACKEND", "torch")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from moa_hub.remote import remote_module  # noqa: E402
+
+
+def patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 rejects."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if getattr(interpreter, "_moa_index_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._moa_index_patched = True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_interpreter_index()
 
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "MoaLlamaConfig", "modeling_moa_llama", "MoaLlamaForCausalLM"),

@@ -30,27 +30,13 @@ needs_interpreter = pytest.mark.skipif(
 reference = remote_module("moa_reference")
 spans = remote_module("moa_spans")
 gpu = pytest.mark.gpu
+from conftest import patch_interpreter_index  # noqa: E402
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter calls int() on 1-element arrays, which numpy >= 2.4 rejects."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_moa_index_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._moa_index_patched = True
-
-
 if INTERPRET:
-    patch_interpreter_index()
+    patch_interpreter_index()  # also done in conftest; harmless twice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # interpreter tiles are 16 wide: spans 15/16/17/32 straddle block boundaries

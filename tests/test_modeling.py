@@ -178,3 +178,19 @@ def test_plan_that_does_not_fit_the_model_is_rejected():
     bad["beta"][0][1] = 1.5
     with pytest.raises(ValueError, match=r"beta"):
         build_moa(dense, bad)
+
+
+@pytest.mark.skipif(remote_module("moa_attention")._triton_kernels() is None, reason="triton not installed")
+def test_triton_backend_matches_torch_backend_in_the_model(monkeypatch):
+    """The whole model on MOA_BACKEND=triton (interpreted on CPU): prefill, chunk over cache, decode."""
+    dense = build_dense("llama", 2, seed=17)
+    moa = build_moa(dense, random_plan(2, 2, seed=17))
+    ids = torch.randint(0, 101, (2, 29), generator=torch.Generator().manual_seed(17))
+    cuts = [20, 26, 27, 28]  # prefill, a chunk over the cache, then single-token decode steps
+    monkeypatch.setenv("MOA_BACKEND", "torch")
+    expected, _ = _run_in_chunks(moa, ids, cuts)
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    if remote_module("moa_attention").select_backend(torch.device("cpu")) != "triton":
+        pytest.skip("triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
+    actual, _ = _run_in_chunks(moa, ids, cuts)
+    assert rel_err(actual, expected) < 1e-4
