@@ -46,11 +46,20 @@ def select_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_kernels() is not None else "torch"
 
 
+_RULES: dict = {}
+
+
 def _rules(alpha: list[float], beta: list[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.tensor(alpha, dtype=torch.float64, device=device),
-        torch.tensor(beta, dtype=torch.float64, device=device),
-    )
+    """alpha/beta of one layer as device tensors, made once (no host-to-device copy per step: graph-safe)."""
+    key = (device, tuple(alpha), tuple(beta))
+    if key not in _RULES:
+        if len(_RULES) > 4096:  # plans switched many times (validation): start over
+            _RULES.clear()
+        _RULES[key] = (
+            torch.tensor(alpha, dtype=torch.float64, device=device),
+            torch.tensor(beta, dtype=torch.float64, device=device),
+        )
+    return _RULES[key]
 
 
 def moa_attention(
