@@ -30,7 +30,9 @@ class Ranks:
             try:
                 from accelerate import PartialState
             except ImportError as err:
-                raise ProfileError("multi-process profiling needs accelerate: pip install 'moa-hub[multi-gpu]'") from err
+                raise ProfileError(
+                    "multi-process profiling needs accelerate: pip install 'moa-hub[multi-gpu]'"
+                ) from err
             PartialState()  # joins the process group that `accelerate launch` set up
         if not (dist.is_available() and dist.is_initialized()):
             return cls(0, 1, torch.device("cpu"))
@@ -85,7 +87,7 @@ def profiling_mode(model, attn_key: str, checkpointing: bool) -> Iterator[None]:
     finally:
         if checkpointing:
             _set_checkpointing(model, False)
-        for m, was in zip(layers, old_training):
+        for m, was in zip(layers, old_training, strict=True):
             m.training = was
         for name, p in model.named_parameters():
             p.requires_grad_(old_grad[name])

@@ -64,7 +64,9 @@ def reference_influence(model, items, length: int) -> torch.Tensor:
             infl = infl.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), 0.0)
             infl[:, 0] = 0.0  # query 0 sees one key: A = 1, 0 / 0
             pad = nb * BLOCK - n
-            infl = torch.nn.functional.pad(infl, (0, pad, 0, pad)).reshape(cfg.num_key_value_heads, -1, nb, BLOCK, nb, BLOCK)
+            infl = torch.nn.functional.pad(infl, (0, pad, 0, pad)).reshape(
+                cfg.num_key_value_heads, -1, nb, BLOCK, nb, BLOCK
+            )
             total[layer] += infl.sum((1, 3, 5))
     model.set_attn_implementation("sdpa")
     return total
@@ -74,12 +76,21 @@ def reference_influence(model, items, length: int) -> torch.Tensor:
 def test_profile_matches_autograd_formula_float64(tmp_path, checkpointing):
     model = tiny_llama()
     items = random_items([37, 50], seed=1)
-    config = ProfileConfig(lengths=(50,), block_size=BLOCK, model_name="tiny@test", gradient_checkpointing=checkpointing)
+    config = ProfileConfig(
+        lengths=(50,), block_size=BLOCK, model_name="tiny@test", gradient_checkpointing=checkpointing
+    )
     path = profile_model(model, {50: items}, config, tmp_path)[50]
     got, meta = load_profile(path)
     want = reference_influence(model, items, 50)
     assert got.dtype == torch.float32 and got.shape == (2, 2, 4, 4)
-    assert meta == {"length": "50", "block_size": "16", "num_items": "2", "items_done": "2", "model": "tiny@test", "format": "moa-hub-profile-v1"}
+    assert meta == {
+        "length": "50",
+        "block_size": "16",
+        "num_items": "2",
+        "items_done": "2",
+        "model": "tiny@test",
+        "format": "moa-hub-profile-v1",
+    }
     rel = (got.double() - want).norm() / want.norm()
     assert rel < 1e-4, rel  # float32 storage of float64 sums
     assert torch.count_nonzero(got.triu(1)) == 0  # causal: no influence of later key blocks
