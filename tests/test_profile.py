@@ -138,3 +138,84 @@ def test_bad_items_name_the_problem(tmp_path):
         profile_model(model, {}, ProfileConfig(lengths=(16,), block_size=BLOCK), tmp_path)
     with pytest.raises(ProfileError, match="block_size"):
         ProfileConfig(block_size=48)
+
+
+def _rank_worker(model_dir: str, work_dir: str, log_dir: str) -> None:
+    """One data-parallel rank: load the model the way the CLI does (device_map="auto") and profile."""
+    import os
+    from pathlib import Path
+
+    import moa_hub.profile as profile_mod
+
+    real_save = profile_mod._save
+
+    def logged_save(path, *args):
+        Path(log_dir, f"save_rank{os.environ['RANK']}_{Path(path).name}").touch()
+        real_save(path, *args)
+
+    profile_mod._save = logged_save
+    model = LlamaForCausalLM.from_pretrained(model_dir, device_map="auto", dtype=torch.float64)
+    items = {40: random_items([40, 33, 21], seed=5)}
+    profile_model(model, items, ProfileConfig(lengths=(40,), block_size=BLOCK, save_every=1), Path(work_dir))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_reduce_to_the_single_process_result(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` (gloo): sums all-reduced, rank 0 alone writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    items = {40: random_items([40, 33, 21], seed=5)}
+    want = profile_model(model, items, ProfileConfig(lengths=(40,), block_size=BLOCK), tmp_path / "one")
+    (tmp_path / "logs").mkdir()
+    script = tmp_path / "rank.py"
+    dirs = [str(tmp_path / name) for name in ("model", "two", "logs")]
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"from test_profile import _rank_worker\n_rank_worker(*{dirs!r})\n"
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # the torchrun launcher; without CUDA every rank runs on CPU with gloo
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    launch += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+    ]
+    env = {
+        "HF_TOKEN": "",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PATH": "",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, meta = load_profile(tmp_path / "two" / "profile_40.safetensors")
+    torch.testing.assert_close(got, load_profile(want[40])[0], rtol=1e-5, atol=1e-6)
+    assert meta["num_items"] == "3"
+    # 3 items over 2 ranks, one item per rank per round: one partial save after round 1, then the final file
+    saves = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert saves == ["save_rank0_profile_40.partial.safetensors", "save_rank0_profile_40.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["profile_40.safetensors"]
