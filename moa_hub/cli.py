@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app); the list is the one place that names them.
-COMMAND_MODULES = ["export"]
+COMMAND_MODULES = ["export", "profile"]
 
 
 def _register_commands() -> None:

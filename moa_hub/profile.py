@@ -14,6 +14,7 @@ rank, so an interruption loses at most one round.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -205,3 +206,40 @@ def _save(path: Path, total: torch.Tensor, length: int, config, model, done: int
     tmp = path.with_name(path.name + ".tmp")
     save_file({"influence": total.contiguous()}, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+def read_items_jsonl(path: Path) -> dict[int, list[CalibrationItem]]:
+    """Calibration items from JSONL, one ``{"length": N, "input_ids": [...], "answer_start": k}`` per line."""
+    items: dict[int, list[CalibrationItem]] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ProfileError(f"cannot read calibration file {path}: {err}; run `moa-hub calibrate` first") from err
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            length = int(record["length"])
+        except (ValueError, KeyError) as err:
+            raise ProfileError(
+                f"{path}:{number} is not a calibration item with a 'length' ({err}): rebuild it"
+            ) from err
+        items.setdefault(length, []).append(_as_item(record, length))
+    return items
+
+
+def load_model_for_profiling(model_id: str, revision: str | None = None):
+    """The dense model in bf16 on GPU (one per rank in data parallel, else ``device_map="auto"``), fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    ranks = Ranks.current()
+    if torch.cuda.is_available():
+        device_map = {"": ranks.device} if ranks.world > 1 else "auto"
+        dtype = torch.bfloat16
+    else:
+        device_map, dtype = None, torch.float32
+    logger.info("loading %s (device_map=%s, dtype=%s)", model_id, device_map, dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        model_id, revision=revision, dtype=dtype, device_map=device_map, attn_implementation="sdpa"
+    )

@@ -219,3 +219,27 @@ def test_two_ranks_reduce_to_the_single_process_result(tmp_path):
     saves = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert saves == ["save_rank0_profile_40.partial.safetensors", "save_rank0_profile_40.safetensors"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["profile_40.safetensors"]
+
+
+def test_cli_profiles_from_jsonl(tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from moa_hub.commands import profile as profile_cmd
+
+    tiny_llama(dtype=torch.float32).save_pretrained(tmp_path / "model")
+    lines = [
+        {"length": 32, "input_ids": it.input_ids, "answer_start": it.answer_start} for it in random_items([32, 25], 6)
+    ]
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    app = typer.Typer()
+    profile_cmd.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `profile` a sub-command
+    args = ["profile", str(tmp_path / "model"), "--calibration", str(tmp_path / "calib.jsonl")]
+    args += ["--work-dir", str(tmp_path / "work"), "--profile-lengths", "32", "--block-size", "16"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    influence, meta = load_profile(tmp_path / "work" / "profile_32.safetensors")
+    assert influence.shape == (2, 2, 2, 2) and meta["num_items"] == "2" and meta["model"] == str(tmp_path / "model")
