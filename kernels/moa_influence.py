@@ -1,0 +1,356 @@
+"""Block-summed attention influence for profiling, without any N x N matrix for the whole model.
+
+The influence of key j on query i (one query head) is
+
+    E_ij = A_ij * (dL/dA_ij - sum_k dL/dA_ik A_ik) / (1 - A_ij)
+
+With O = A V:  dL/dA_ij = dO_i . V_j  and  sum_k dL/dA_ik A_ik = dO_i . O_i  (called delta_i), so a
+blockwise pass needs only Q, K, V, O, dO and the row log-sum-exp (recomputed here). Where
+1 - A_ij < INFLUENCE_EPS (a query with a single visible key, A_ij = 1, where the numerator is 0 too)
+the denominator is clamped to INFLUENCE_EPS. Query 0 sees one key (A = 1, E = 0 / 0) and adds 0.
+
+Two implementations with one contract, both returning [Hkv, nb, nb] (summed over the batch and over
+the query heads of each kv group; nb = ceil(L / block_size)):
+- ``influence_blocks_torch``: chunked pure torch (CPU path and reference; exact in float64);
+- ``influence_blocks_triton``: one fused Triton kernel (GPU), one program per (query block, batch, head).
+
+``profiled_attention`` is an attention function for transformers' ``AttentionInterface``: causal
+attention whose backward also hands the block-summed influence of the layer to an ``InfluenceStore``
+passed through the model's forward kwargs (``moa_influence_store=store``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch path is used
+    triton = None
+
+INFLUENCE_EPS = 1e-6
+ATTENTION_KEY = "moa_profile_v1"
+STORE_KWARG = "moa_influence_store"
+
+
+def _row_logsumexp(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    # q: [B, Hkv, G, C, D], k: [B, Hkv, 1, L, D] -> lse: [B, Hkv, G, C, 1]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(torch.arange(k.shape[-2], device=q.device) > rows[:, None], float("-inf"))
+    return torch.logsumexp(scores, dim=-1, keepdim=True)
+
+
+def influence_blocks_torch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    q_chunk: int = 512,
+) -> torch.Tensor:
+    """Block-summed causal influence in chunked torch; float64 in -> float64 out, else float32.
+
+    query/out/grad_out: [B, Hq, L, D]; key/value: [B, Hkv, L, D]. Returns [Hkv, nb, nb].
+    Memory: one [B, Hq, q_chunk, L] slab at a time (q_chunk is rounded to a multiple of block_size).
+    """
+    bsz, num_q_heads, seq_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_q_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    nb = math.ceil(seq_len / block_size)
+    q_chunk = max(block_size, q_chunk // block_size * block_size)
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # [B, Hq, L, D] -> [B, Hkv, G, L, D]
+        return t.reshape(bsz, num_kv_heads, group, seq_len, head_dim).to(acc)
+
+    q, o, do = grouped(query), grouped(out), grouped(grad_out)
+    k, v = key[:, :, None].to(acc), value[:, :, None].to(acc)  # [B, Hkv, 1, L, D]
+    delta = (do * o).sum(-1, keepdim=True)  # [B, Hkv, G, L, 1]
+    result = torch.zeros(num_kv_heads, nb, nb, dtype=acc, device=query.device)
+    padded = nb * block_size
+    for start in range(0, seq_len, q_chunk):
+        stop = min(start + q_chunk, seq_len)
+        rows = torch.arange(start, stop, device=query.device)
+        lse = _row_logsumexp(q[..., start:stop, :], k, rows, scale)
+        probs = torch.exp(torch.matmul(q[..., start:stop, :], k.transpose(-1, -2)) * scale - lse)
+        grad_probs = torch.matmul(do[..., start:stop, :], v.transpose(-1, -2))  # dL/dA: [B, Hkv, G, C, L]
+        infl = probs * (grad_probs - delta[..., start:stop, :]) / (1 - probs).clamp_min(INFLUENCE_EPS)
+        hidden = (torch.arange(seq_len, device=query.device) > rows[:, None]) | (rows[:, None] == 0)
+        infl = infl.masked_fill(hidden, 0.0)  # future keys, and query 0 (one key, A = 1, 0 / 0)
+        infl = F.pad(infl.sum(dim=(0, 2)), (0, padded - seq_len))  # [Hkv, C, nb * bs]
+        first, count = start // block_size, math.ceil((stop - start) / block_size)
+        infl = F.pad(infl, (0, 0, 0, count * block_size - (stop - start)))
+        result[:, first : first + count] += infl.reshape(num_kv_heads, count, block_size, nb, block_size).sum((2, 4))
+    return result
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lse_step(
+        m_i,
+        l_i,
+        q,
+        k_base,
+        stride_kl,
+        block_n,
+        offs_m,
+        offs_n0,
+        offs_d,
+        seq_len,
+        scale,
+        BLOCK: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        offs_n = block_n * BLOCK + offs_n0
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        return m_new, l_i
+
+    @triton.jit
+    def _influence_step(
+        out_base, q, do, delta, lse, k_base, v_base, stride_kl, stride_vl, block_n,
+        offs_m, offs_n0, offs_d, seq_len, scale, BLOCK: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        offs_n = block_n * BLOCK + offs_n0
+        key_ok = (offs_n < seq_len)[:, None]
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=key_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=key_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len) & (offs_m < seq_len)[:, None]
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)  # A_ij
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(tl.float32)  # dL/dA_ij = dO_i . V_j
+        counted = visible & (offs_m > 0)[:, None]  # query 0 has one key (A = 1, 0 / 0): it adds 0
+        infl = tl.where(counted, p * (dp - delta[:, None]) / tl.maximum(1.0 - p, EPS), 0.0)
+        tl.store(out_base + block_n, tl.sum(tl.sum(infl, 1), 0))
+
+    @triton.jit
+    def _influence_fwd(
+        Q, K, V, DO, DELTA, OUT,
+        stride_qb, stride_qh, stride_ql,
+        stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl,
+        stride_dob, stride_doh, stride_dol,
+        stride_deltab, stride_deltah,
+        stride_ob, stride_oh, stride_om,
+        seq_len, scale,
+        GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EPS: tl.constexpr,
+        INTERPRET_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        block_m = tl.program_id(0)
+        head = tl.program_id(1)
+        bsz_idx = tl.program_id(2)
+        kv_head = head // GROUP
+        offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
+        offs_n0 = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < seq_len
+
+        # this program's query rows, their dO and delta = dO . O
+        q_ptrs = Q + bsz_idx * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+        do_ptrs = DO + bsz_idx * stride_dob + head * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        delta = tl.load(DELTA + bsz_idx * stride_deltab + head * stride_deltah + offs_m, mask=row_ok, other=0.0)
+        k_base = K + bsz_idx * stride_kb + kv_head * stride_kh
+        v_base = V + bsz_idx * stride_vb + kv_head * stride_vh
+        out_base = OUT + bsz_idx * stride_ob + head * stride_oh + block_m * stride_om
+
+        # pass 1: row log-sum-exp over the visible keys (online softmax); pass 2: block sums of E.
+        # The CPU interpreter (numpy >= 2.4) only loops to constexpr bounds, so there it visits every key
+        # block (those past the diagonal are fully masked and add 0); compiled, it stops at the diagonal.
+        m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        if INTERPRET_BLOCKS > 0:
+            for block_n in range(0, INTERPRET_BLOCKS):
+                m_i, l_i = _lse_step(
+                    m_i,
+                    l_i,
+                    q,
+                    k_base,
+                    stride_kl,
+                    block_n,
+                    offs_m,
+                    offs_n0,
+                    offs_d,
+                    seq_len,
+                    scale,
+                    BLOCK,
+                    DOT_PRECISION,
+                )
+        else:
+            for block_n in range(0, block_m + 1):
+                m_i, l_i = _lse_step(
+                    m_i,
+                    l_i,
+                    q,
+                    k_base,
+                    stride_kl,
+                    block_n,
+                    offs_m,
+                    offs_n0,
+                    offs_d,
+                    seq_len,
+                    scale,
+                    BLOCK,
+                    DOT_PRECISION,
+                )
+        lse = m_i + tl.log(tl.maximum(l_i, 1e-30))
+        if INTERPRET_BLOCKS > 0:
+            for block_n in range(0, INTERPRET_BLOCKS):
+                _influence_step(
+                    out_base, q, do, delta, lse, k_base, v_base, stride_kl, stride_vl, block_n,
+                    offs_m, offs_n0, offs_d, seq_len, scale, BLOCK, EPS, DOT_PRECISION,
+                )  # fmt: skip
+        else:
+            for block_n in range(0, block_m + 1):
+                _influence_step(
+                    out_base, q, do, delta, lse, k_base, v_base, stride_kl, stride_vl, block_n,
+                    offs_m, offs_n0, offs_d, seq_len, scale, BLOCK, EPS, DOT_PRECISION,
+                )  # fmt: skip
+
+
+def influence_blocks_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Same contract as ``influence_blocks_torch`` through the fused Triton kernel; returns float32.
+
+    head_dim must be a power of two >= 16, block_size a power of two >= 16.
+    """
+    if triton is None:
+        raise RuntimeError("influence_blocks_triton needs triton: pip install 'moa-hub[gpu]' or use the torch path")
+    bsz, num_q_heads, seq_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    nb = math.ceil(seq_len / block_size)
+    query, key, value, grad_out = (t.contiguous() for t in (query, key, value, grad_out))
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, Hq, L]
+    per_head = torch.zeros(bsz, num_q_heads, nb, nb, dtype=torch.float32, device=query.device)
+    _influence_fwd[(nb, num_q_heads, bsz)](
+        query, key, value, grad_out, delta, per_head,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        delta.stride(0), delta.stride(1),
+        per_head.stride(0), per_head.stride(1), per_head.stride(2),
+        seq_len, scale,
+        GROUP=num_q_heads // num_kv_heads, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
+        INTERPRET_BLOCKS=0 if query.is_cuda else nb,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return per_head.sum(0).reshape(num_kv_heads, -1, nb, nb).sum(1)
+
+
+def influence_blocks(*tensors: torch.Tensor, block_size: int, scale: float | None = None, backend: str = "auto"):
+    """Dispatch: ``triton`` on CUDA when available (``auto``), else chunked ``torch``."""
+    use_triton = backend == "triton" or (backend == "auto" and triton is not None and tensors[0].is_cuda)
+    use_triton = use_triton and tensors[0].dtype != torch.float64
+    impl = influence_blocks_triton if use_triton else influence_blocks_torch
+    return impl(*tensors, block_size=block_size, scale=scale)
+
+
+class InfluenceStore:
+    """Per-run accumulator: layer index -> [Hkv, nb, nb] block sums (kept on the layer's device)."""
+
+    def __init__(self, block_size: int = 64, backend: str = "auto") -> None:
+        self.block_size = block_size
+        self.backend = backend
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def add(self, layer_idx: int, blocks: torch.Tensor) -> None:
+        if layer_idx in self.sums:
+            held = self.sums[layer_idx]
+            if held.shape != blocks.shape:  # a longer item: grow to the larger block grid
+                blocks, held = _pad_to(blocks, held), _pad_to(held, blocks)
+            self.sums[layer_idx] = held + blocks.to(held.dtype)
+        else:
+            self.sums[layer_idx] = blocks.clone()
+
+    def reset(self) -> None:
+        self.sums.clear()
+
+
+def _pad_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    extra = max(like.shape[-1] - t.shape[-1], 0)
+    return F.pad(t, (0, extra, 0, extra))
+
+
+def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    # query: [B, Hq, L, D], key/value: [B, Hkv, L, D]; K/V repeated per query head (one layer at a time)
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+
+
+class _ProfiledAttention(torch.autograd.Function):
+    """Causal attention; backward = SDPA's gradients (recomputed) + block-summed influence to the store."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, store, layer_idx):
+        out = _causal_attention(query, key, value, scale)
+        ctx.save_for_backward(query, key, value, out)
+        ctx.scale, ctx.store, ctx.layer_idx = scale, store, layer_idx
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (query, key, value)]
+            recomputed = _causal_attention(*leaves, ctx.scale)
+            grads = torch.autograd.grad(recomputed, leaves, grad_out)
+        with torch.no_grad():
+            store = ctx.store
+            blocks = influence_blocks(
+                query, key, value, out, grad_out, block_size=store.block_size, scale=ctx.scale, backend=store.backend
+            )
+            store.add(ctx.layer_idx, blocks)
+        return (*grads, None, None, None)
+
+
+def profiled_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``AttentionInterface`` function: causal attention over unpadded rows, recording influence in backward.
+
+    query: [B, Hq, L, D], key/value: [B, Hkv, L, D]; returns ([B, L, Hq, D], None). Without a store in
+    kwargs (``moa_influence_store``) it is plain causal attention.
+    """
+    if attention_mask is not None:
+        raise ValueError(f"{ATTENTION_KEY} profiles one unpadded row at a time; got an attention_mask: pass none")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"{ATTENTION_KEY} needs a fresh prefill (no cache): {query.shape[2]} queries, {key.shape[2]} keys"
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    store = kwargs.get(STORE_KWARG)
+    if store is None or not torch.is_grad_enabled():
+        out = _causal_attention(query, key, value, scale)
+    else:
+        out = _ProfiledAttention.apply(query, key, value, scale, store, module.layer_idx)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_profiled_attention() -> str:
+    """Register ``profiled_attention`` under its versioned key; returns the key for ``attn_implementation``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_KEY, profiled_attention)
+    return ATTENTION_KEY

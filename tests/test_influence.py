@@ -1,0 +1,106 @@
+"""Block-summed influence kernels against autograd's dL/dA formula (float64), at ragged sizes."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moa_hub.remote import remote_module
+
+infl = remote_module("moa_influence")
+
+
+def random_attention_case(bsz, num_q, num_kv, seq_len, head_dim, dtype=torch.float64, seed=0):
+    """q, k, v, the causal output O, a random upstream gradient dO, and the autograd reference E blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, num_q, seq_len, head_dim, generator=gen, dtype=dtype)
+    k, v = (torch.randn(bsz, num_kv, seq_len, head_dim, generator=gen, dtype=dtype) for _ in range(2))
+    grad_out = torch.randn(bsz, num_q, seq_len, head_dim, generator=gen, dtype=dtype)
+    return q, k, v, grad_out
+
+
+def autograd_reference(q, k, v, grad_out, block_size):
+    """E_ij = A_ij (dL/dA_ij - sum_k dL/dA_ik A_ik) / (1 - A_ij) with dL/dA from autograd, block-summed."""
+    bsz, num_q, seq_len, head_dim = q.shape
+    num_kv, group = k.shape[1], num_q // k.shape[1]
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
+    scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * head_dim**-0.5
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), -1).requires_grad_(True)
+    out = probs @ v.repeat_interleave(group, 1)
+    (grad_probs,) = torch.autograd.grad(out, probs, grad_out)
+    e = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) / (1 - probs).clamp_min(infl.INFLUENCE_EPS)
+    e = e.masked_fill(future, 0.0).detach()
+    e[:, :, 0] = 0.0  # query 0 sees one key: A = 1, 0 / 0
+    nb, pad = math.ceil(seq_len / block_size), -seq_len % block_size
+    e = torch.nn.functional.pad(e, (0, pad, 0, pad)).reshape(bsz, num_kv, group, nb, block_size, nb, block_size)
+    return out.detach(), e.sum((0, 2, 4, 6))
+
+
+@pytest.mark.parametrize(("seq_len", "block_size", "q_chunk"), [(83, 16, 32), (64, 32, 64), (5, 16, 16)])
+def test_torch_influence_equals_autograd_formula_float64(seq_len, block_size, q_chunk):
+    q, k, v, grad_out = random_attention_case(2, 6, 2, seq_len, 8, seed=seq_len)
+    out, want = autograd_reference(q, k, v, grad_out, block_size)
+    got = infl.influence_blocks_torch(q, k, v, out, grad_out, block_size=block_size, q_chunk=q_chunk)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert torch.count_nonzero(got.triu(1)) == 0
+
+
+def test_torch_influence_is_independent_of_chunking():
+    q, k, v, grad_out = random_attention_case(1, 4, 4, 150, 8, dtype=torch.float32, seed=7)
+    out, _ = autograd_reference(q.double(), k.double(), v.double(), grad_out.double(), 16)
+    a = infl.influence_blocks_torch(q, k, v, out.float(), grad_out, block_size=16, q_chunk=16)
+    b = infl.influence_blocks_torch(q, k, v, out.float(), grad_out, block_size=16, q_chunk=1024)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(infl.triton is None, reason="triton not installed")
+def test_triton_kernel_equals_autograd_formula():
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton reads TRITON_INTERPRET at import: run this test again in a process with the interpreter on
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::{test_triton_kernel_equals_autograd_formula.__name__}",
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+        return
+    q, k, v, grad_out = random_attention_case(1, 4, 2, 45, 16, seed=3)
+    out, want = autograd_reference(q, k, v, grad_out, 16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [t.float().to(device) for t in (q, k, v, out, grad_out)]
+    got = infl.influence_blocks_triton(*args, block_size=16).double().cpu()
+    assert (got - want).norm() / want.norm() < 1e-4  # float32 inputs, fp32 (ieee) dots
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernel_bf16_on_gpu():
+    q, k, v, grad_out = random_attention_case(1, 8, 2, 1000, 128, seed=5)
+    out, want = autograd_reference(q, k, v, grad_out, 64)
+    args = [t.bfloat16().cuda() for t in (q, k, v, out, grad_out)]
+    same_dtype = infl.influence_blocks_torch(*args, block_size=64).double().cpu()
+    got = infl.influence_blocks_triton(*args, block_size=64).double().cpu()
+    drift = (same_dtype - want).norm() / want.norm()  # how far torch drifts from fp64 with bf16 inputs
+    assert (got - same_dtype).norm() / same_dtype.norm() < max(2 * drift.item(), 1e-2)
+
+
+def test_store_grows_to_longer_items_and_sums():
+    store = infl.InfluenceStore(block_size=16)
+    a, b = torch.randn(2, 2, 2), torch.randn(2, 3, 3)
+    store.add(0, a)
+    store.add(0, b)
+    want = b.clone()
+    want[:, :2, :2] += a
+    torch.testing.assert_close(store.sums[0], want)
