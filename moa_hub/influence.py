@@ -2,9 +2,13 @@
 
 One safetensors file per profile length N, tensor ``influence`` float32 ``[L, Hkv, nb, nb]`` with
 ``nb = ceil(N / block_size)``; entry ``[l, g, bi, bj]`` sums, over calibration items and over the
-query heads of kv group g, the first-order loss increase of masking out attention (i, j) for
-queries i in block bi and keys j in block bj. Metadata (strings): ``length``, ``block_size``,
-``num_items``.
+query heads of kv group g, the attention influence
+``E_ij = A_ij (dL/dA_ij - sum_k dL/dA_ik A_ik) / (1 - A_ij)`` for queries i in block bi and keys j in
+block bj. Metadata (strings): ``length``, ``block_size``, ``num_items``.
+
+Masking (i, j) out (A_ij -> 0, the row renormalised) changes the loss by ``-E_ij`` to first order, so
+``InfluenceProfile.influence`` holds ``-E``: the loss increase of masking, which the optimizer sums
+over the entries a rule masks. Reading and writing files converts between the two.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class InfluenceProfile:
 
     length: int
     block_size: int
-    influence: np.ndarray  # [L, Hkv, nb, nb] float32
+    influence: np.ndarray  # [L, Hkv, nb, nb] float32: loss increase of masking (= -E of the file)
     num_items: int | None = None
 
     def __post_init__(self) -> None:
@@ -49,7 +53,8 @@ def save_profile(path: str | Path, profile: InfluenceProfile) -> Path:
     if profile.num_items is not None:
         meta["num_items"] = str(profile.num_items)
     path = Path(path)
-    save_file({TENSOR_NAME: np.ascontiguousarray(profile.influence, dtype=np.float32)}, str(path), metadata=meta)
+    stored = np.ascontiguousarray(-profile.influence, dtype=np.float32)  # files hold E = -(masking loss)
+    save_file({TENSOR_NAME: stored}, str(path), metadata=meta)
     return path
 
 
@@ -62,7 +67,7 @@ def load_profile(path: str | Path) -> InfluenceProfile:
                 f"{path} is not an influence profile (needs tensor '{TENSOR_NAME}' and metadata length, block_size): "
                 "point at the profiling stage's output folder"
             )
-        influence = f.get_tensor(TENSOR_NAME)
+        influence = -f.get_tensor(TENSOR_NAME)  # E -> loss increase of masking
     items = int(meta["num_items"]) if "num_items" in meta else None
     return InfluenceProfile(int(meta["length"]), int(meta["block_size"]), influence, items)
 
