@@ -194,3 +194,23 @@ def test_triton_backend_matches_torch_backend_in_the_model(monkeypatch):
         pytest.skip("triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
     actual, _ = _run_in_chunks(moa, ids, cuts)
     assert rel_err(actual, expected) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_model_matches_torch_reference(monkeypatch, dtype):
+    """On the GPU: the model with the Triton kernels vs the torch path, fresh weights, ragged 300-token input."""
+    dense = build_dense("llama", 2, seed=23, hidden_size=128, num_attention_heads=8, intermediate_size=256)
+    plan = dict(format_version=1, sink=16, min_span=32, alpha=[[40.0, -20.0], [70.0, 10.0]], beta=[[0.1, 0.6], [0.0, 0.3]])
+    moa = build_moa(dense, plan).to("cuda", dtype)
+    ids = torch.randint(0, 101, (3, 300), generator=torch.Generator().manual_seed(23)).cuda()
+    cuts = [200, 263, 264, 265, 290]  # prefill, chunk over the cache, decode steps, chunk again
+    monkeypatch.setenv("MOA_BACKEND", "torch")
+    expected, _ = _run_in_chunks(moa, ids, cuts)
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    actual, _ = _run_in_chunks(moa, ids, cuts)
+    monkeypatch.setenv("MOA_BACKEND", "torch")
+    reference = _run_in_chunks(moa.float(), ids, cuts)[0]
+    drift = rel_err(expected.float(), reference)  # how far plain torch in this dtype drifts from fp32
+    assert rel_err(actual.float(), reference) <= max(2 * drift, 1e-4)

@@ -1,0 +1,66 @@
+"""`moa-hub convert` end to end on a tiny model on CPU: every stage, artifacts, resume, the output loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from demo_helpers import tiny_llama, tiny_tokenizer
+from moa_hub import pipeline
+from moa_hub.pipeline import ConvertConfig, convert
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    tokenizer = tiny_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tiny_llama(len(tokenizer), seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(base, tmp_path, **kw) -> ConvertConfig:
+    return ConvertConfig(
+        model=str(base), output=tmp_path / "out", density=0.6, profile_lengths=(256, 384), extend_length=512,
+        num_samples=2, block_size=16, sink=8, min_span=32, device="cpu", dtype="fp32", **kw,
+    )  # fmt: skip
+
+
+def test_convert_runs_every_stage_and_resumes(base_folder, tmp_path, monkeypatch):
+    config = _config(base_folder, tmp_path)
+    result = convert(config)
+    work = config.work
+    for artifact in ("profile/profile_256.safetensors", "profile/profile_384.safetensors", "pareto.json", "validation.json", "plan.json"):
+        assert (work / artifact).exists(), artifact
+    assert list((work / "calibration").glob("calibration-*.jsonl"))
+    plan = result.plan
+    for n in (256, 384, 512):
+        assert plan.kv_density(n) <= 0.6 + 1e-9 and plan.density[n] == pytest.approx(plan.kv_density(n))
+    moa = json.loads((result.output / "config.json").read_text())["moa"]
+    assert moa["provenance"]["profile_lengths"] == [256, 384] and moa["provenance"]["validation"]["length"] == 512
+    assert (result.output / "README.md").exists()
+    model = AutoModelForCausalLM.from_pretrained(result.output, trust_remote_code=True).eval()
+    ids = torch.randint(3, 100, (1, 40))
+    assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False).shape == (1, 44)
+
+    # a re-run reuses every stage's artifact: nothing is profiled, optimized or validated again
+    def fail(*args, **kwargs):
+        raise AssertionError("stage recomputed on resume")
+
+    monkeypatch.setattr(pipeline, "optimize_plans", fail)
+    monkeypatch.setattr(pipeline, "validate_plans", fail)
+    monkeypatch.setattr("moa_hub.profile._profile_length", fail)
+    again = convert(_config(base_folder, tmp_path, overwrite=True))
+    assert again.plan.to_dict() == plan.to_dict()
+
+
+def test_infeasible_density_names_the_smallest_feasible_one(base_folder, tmp_path):
+    from moa_hub.errors import OptimizeError
+
+    config = _config(base_folder, tmp_path)
+    with pytest.raises(OptimizeError, match=r"smallest feasible plan density is 0\.1250.*--density 0\.125"):
+        convert(ConvertConfig(**{**config.__dict__, "density": 0.05}))
+    assert not (tmp_path / "out").exists()  # nothing half-written
