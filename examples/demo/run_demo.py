@@ -70,9 +70,12 @@ def main() -> None:
     print_summary(convert(config))
     ask(args.output)
     lengths = tuple(int(n) for n in args.eval_lengths.split(","))
-    report = run_eval(EvalConfig(model=args.output, lengths=lengths, items_per_depth=args.items_per_depth))
+    eval_config = EvalConfig(
+        model=args.output, lengths=lengths, tasks=("retrieval", "ppl"), items_per_depth=args.items_per_depth
+    )
+    report = run_eval(eval_config)
     write_card(args.output, CardConfig(evaluation=card_entries(report)))
-    print("\nEvaluation (retrieval/passkey: accuracy, ppl: perplexity; MoA density per length):")
+    print("\nEvaluation (retrieval: accuracy, ppl: perplexity; uniform = one window of MoA's density):")
     rows = report_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
