@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy as copy_module
+import os
 
 import pytest
 import torch
@@ -189,9 +190,9 @@ def test_triton_backend_matches_torch_backend_in_the_model(monkeypatch):
     cuts = [20, 26, 27, 28]  # prefill, a chunk over the cache, then single-token decode steps
     monkeypatch.setenv("MOA_BACKEND", "torch")
     expected, _ = _run_in_chunks(moa, ids, cuts)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors on the Triton backend need TRITON_INTERPRET=1 (the CUDA variant is the gpu test)")
     monkeypatch.setenv("MOA_BACKEND", "triton")
-    if remote_module("moa_attention").select_backend(torch.device("cpu")) != "triton":
-        pytest.skip("triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
     actual, _ = _run_in_chunks(moa, ids, cuts)
     assert rel_err(actual, expected) < 1e-4
 
