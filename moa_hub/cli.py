@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app); the list is the one place that names them.
-COMMAND_MODULES = ["export", "hub", "convert", "profile", "optimize", "eval"]
+COMMAND_MODULES = ["export", "hub", "convert", "profile", "optimize", "validate", "eval"]
 
 
 def _register_commands() -> None:

@@ -7,6 +7,7 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class ConvertConfig:
     dtype: str = "auto"
     work_dir: Path | None = None
     overwrite: bool = False
+    resume: bool = True  # False: delete the work folder's artifacts and start over
     resolve: ResolveConfig = field(default_factory=ResolveConfig)
     push: PushConfig | None = None
     command: str | None = None
@@ -85,6 +87,9 @@ class ConvertResult:
 def convert(config: ConvertConfig) -> ConvertResult:
     """Run every stage; reuse the artifacts of finished stages in ``config.work``."""
     work = config.work
+    if not config.resume and work.exists():
+        logger.info("--no-resume: removing the artifacts in %s", work)
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     resolved = resolve_model(config.model, config.resolve)
     model, tokenizer = load_dense(resolved.path, config.device, config.dtype)

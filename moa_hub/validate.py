@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .apply import moa_twin, set_plan
+from .calibration import CalibrationItem
+from .calibration import answer_loss as _answer_loss
 from .errors import MoaHubError
 from .plan import MoaPlan
 
@@ -51,13 +53,19 @@ def answer_loss(model: torch.nn.Module, items: Sequence[AnswerItem], desc: str =
     for item in tqdm(items, desc=desc, leave=False):
         ids = torch.tensor([item.input_ids], device=device)
         with torch.no_grad():
-            logits = model(ids, use_cache=False).logits[0, item.answer_start - 1 : -1].float()
-        targets = ids[0, item.answer_start :]
-        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        count += targets.numel()
+            logits = model(ids, use_cache=False, logits_to_keep=len(item.input_ids) - item.answer_start + 1).logits
+        answer_tokens = len(item.input_ids) - item.answer_start
+        total += answer_loss_of_logits(logits[0], item.input_ids[item.answer_start - 1 :]) * answer_tokens
+        count += answer_tokens
     if count == 0:
         raise MoaHubError("validation items have no answer tokens: check the calibration set (answer_start)")
     return total / count
+
+
+def answer_loss_of_logits(logits: torch.Tensor, tail_ids: list[int]) -> float:
+    """Mean answer cross-entropy from the logits of the last answer tokens + 1 ([A + 1, V])."""
+    item = CalibrationItem(input_ids=list(tail_ids), answer_start=1, task="", length=len(tail_ids))
+    return _answer_loss(logits, item).item()
 
 
 def validate_plans(dense: torch.nn.Module, candidates: Sequence[MoaPlan], items: Sequence[AnswerItem], length: int) -> ValidationResult:

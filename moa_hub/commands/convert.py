@@ -37,6 +37,9 @@ def convert(
     revision: str = typer.Option(None, help="Base model revision (branch, tag or commit)."),
     work_dir: Path = typer.Option(None, "--work-dir", help="Where stage artifacts live (default OUTPUT.moa-work)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Reuse finished stages in the work folder (--no-resume starts over)."
+    ),
     push: bool = typer.Option(False, "--push", help="Push the result to the Hub (needs --repo-id)."),
     repo_id: str = typer.Option(None, "--repo-id", help="Target repo for --push."),
     private: bool = typer.Option(False, "--private", help="Create the pushed repo as private."),
@@ -55,7 +58,7 @@ def convert(
     config = ConvertConfig(
         model=model, output=output, density=density, profile_lengths=parse_lengths(profile_lengths, "--profile-lengths"),
         extend_length=extend_length, calibration=calibration, num_samples=num_samples, block_size=block_size,
-        device=device, dtype=dtype, work_dir=work_dir, overwrite=overwrite,
+        device=device, dtype=dtype, work_dir=work_dir, overwrite=overwrite, resume=resume,
         resolve=ResolveConfig(revision=revision, token=token or None),
         push=PushConfig(repo_id=repo_id, private=private, create_pr=create_pr, token=token or None) if push else None,
         command=shlex.join(["moa-hub", *(a for a in sys.argv[1:] if a != token)]),
