@@ -46,6 +46,19 @@ def test_convert_runs_every_stage_and_resumes(base_folder, tmp_path, monkeypatch
     ids = torch.randint(3, 100, (1, 40))
     assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False).shape == (1, 44)
 
+    # the validate stage alone, from the CLI, on the same artifacts: same losses
+    from typer.testing import CliRunner
+
+    from moa_hub.cli import _register_commands, app
+
+    _register_commands()
+    calibration_file = next((work / "calibration").glob("calibration-*.jsonl"))
+    args = ["validate", str(base_folder), "--pareto", str(work / "pareto.json"), "--calibration", str(calibration_file),
+            "--length", "512", "--output", str(tmp_path / "v.json"), "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert json.loads((tmp_path / "v.json").read_text())["losses"] == pytest.approx(result.validation.losses, rel=1e-5)
+
     # a re-run reuses every stage's artifact: nothing is profiled, optimized or validated again
     def fail(*args, **kwargs):
         raise AssertionError("stage recomputed on resume")
