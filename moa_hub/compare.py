@@ -66,7 +66,7 @@ def load_converted(folder: Path, device: str):
     base_fields = {k: v for k, v in config.items() if k not in ("moa", "auto_map", "model_type", "architectures")}
     dense_cls = getattr(transformers, arch.base_architecture)
     dense = dense_cls.from_pretrained(folder, config=base_config_cls(**base_fields), device_map=device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # config is moa_*
     return dense, tokenizer, MoaPlan.from_dict(config["moa"])
 
 

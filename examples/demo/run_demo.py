@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
 
 def ask(folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     sample = tasks.GENERATORS["kv_retrieval"](tokenizer, 2048, 7, depth=0.3)
     enc = tasks.encode(tokenizer, sample)
     ids = torch.tensor([enc.input_ids[: enc.answer_start]])
