@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
+	$(PY) -m ruff check moa_hub modeling kernels tests benchmarks examples
 	HF_TOKEN="" HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -68,7 +69,9 @@ def answer_loss_of_logits(logits: torch.Tensor, tail_ids: list[int]) -> float:
     return _answer_loss(logits, item).item()
 
 
-def validate_plans(dense: torch.nn.Module, candidates: Sequence[MoaPlan], items: Sequence[AnswerItem], length: int) -> ValidationResult:
+def validate_plans(
+    dense: torch.nn.Module, candidates: Sequence[MoaPlan], items: Sequence[AnswerItem], length: int
+) -> ValidationResult:
     """Score every candidate at ``length`` on held-out ``items``; the lowest loss wins."""
     if not candidates:
         raise MoaHubError("no candidate plans to validate: run the optimize stage first")

@@ -34,7 +34,9 @@ class MoaCacheLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, alpha: list[float], beta: list[float], sink: int, min_span: int, max_cache_len: int | None = None):
+    def __init__(
+        self, alpha: list[float], beta: list[float], sink: int, min_span: int, max_cache_len: int | None = None
+    ):
         super().__init__()
         self.alpha = [float(a) for a in alpha]
         self.beta = [float(b) for b in beta]
@@ -202,7 +204,7 @@ class MoaCache(Cache):
         plan = config.moa
         layers = [
             MoaCacheLayer(alpha, beta, plan["sink"], plan["min_span"], max_cache_len)
-            for alpha, beta in zip(plan["alpha"], plan["beta"])
+            for alpha, beta in zip(plan["alpha"], plan["beta"], strict=True)
         ]
         super().__init__(layers=layers)
 

@@ -54,7 +54,9 @@ class MoaAttentionMixin:
         return self.o_proj(out), None
 
 
-def moa_positions(attention_mask, position_ids, cache, bsz: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def moa_positions(
+    attention_mask, position_ids, cache, bsz: int, length: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids of the new tokens for RoPE, and the same with -1 at padding for MoA.
 
     attention_mask: [B, past + L] of 0/1 (left padding = 0) or None; position_ids: [B, L] or None.
@@ -69,7 +71,9 @@ def moa_positions(attention_mask, position_ids, cache, bsz: int, length: int, de
             position_ids = attention_mask.to(device=device, dtype=torch.long).cumsum(-1)[:, -length:] - 1
         else:
             start = cache.layers[0].next_pos if cache is not None and cache.layers[0].is_initialized else 0
-            position_ids = torch.arange(length, device=device)[None, :] + torch.as_tensor(start, device=device).view(-1, 1)
+            position_ids = torch.arange(length, device=device)[None, :] + torch.as_tensor(start, device=device).view(
+                -1, 1
+            )
             position_ids = position_ids.expand(bsz, length)
     position_ids = position_ids.to(device).expand(bsz, length)
     q_pos = torch.where(valid, position_ids, torch.full_like(position_ids, -1))
@@ -86,7 +90,9 @@ class MoaModelMixin:
         for idx, layer in enumerate(self.layers):
             layer.self_attn = self.moa_attention_class(config, idx)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs
+    ):
         cache = _pick_cache(kwargs)
         for unsupported in ("output_attentions",):
             if kwargs.pop(unsupported, False):

@@ -23,7 +23,9 @@ def span_at(n, alpha, beta, sink: int, min_span: int):
     """
     if isinstance(n, torch.Tensor) or isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
         n_t = torch.as_tensor(n)
-        raw = torch.floor(torch.as_tensor(alpha, dtype=torch.float64) + torch.as_tensor(beta, dtype=torch.float64) * n_t)
+        raw = torch.floor(
+            torch.as_tensor(alpha, dtype=torch.float64) + torch.as_tensor(beta, dtype=torch.float64) * n_t
+        )
         raw = raw.clamp(min=min_span)
         return torch.minimum(n_t.to(torch.float64), raw).to(torch.int64)
     raw = max(min_span, math.floor(alpha + beta * n))
@@ -50,7 +52,9 @@ def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, alpha, beta, sink: in
 
 def kv_density(alpha, beta, n: int, sink: int, min_span: int) -> float:
     """KV density of a plan at length n: mean over heads of S(n) / n."""
-    spans = span_at(n, torch.as_tensor(alpha, dtype=torch.float64), torch.as_tensor(beta, dtype=torch.float64), sink, min_span)
+    spans = span_at(
+        n, torch.as_tensor(alpha, dtype=torch.float64), torch.as_tensor(beta, dtype=torch.float64), sink, min_span
+    )
     return float(spans.to(torch.float64).mean() / n)
 
 

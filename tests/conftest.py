@@ -40,7 +40,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "MoaLlamaConfig", "modeling_moa_llama", "MoaLlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM", "MoaMistralConfig", "modeling_moa_mistral", "MoaMistralForCausalLM"),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        "MoaMistralConfig",
+        "modeling_moa_mistral",
+        "MoaMistralForCausalLM",
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "MoaQwen2Config", "modeling_moa_qwen2", "MoaQwen2ForCausalLM"),
 }
 
@@ -88,7 +94,13 @@ def random_plan(num_layers: int, num_kv_heads: int, seed: int, sink: int = 4, mi
 
 
 def dense_plan(num_layers: int, num_kv_heads: int) -> dict:
-    return dict(format_version=1, sink=4, min_span=8, alpha=[[0.0] * num_kv_heads] * num_layers, beta=[[1.0] * num_kv_heads] * num_layers)
+    return dict(
+        format_version=1,
+        sink=4,
+        min_span=8,
+        alpha=[[0.0] * num_kv_heads] * num_layers,
+        beta=[[1.0] * num_kv_heads] * num_layers,
+    )
 
 
 @pytest.fixture(params=[("llama", 2), ("llama", 4), ("mistral", 2), ("qwen2", 2)], ids=lambda p: f"{p[0]}-kv{p[1]}")

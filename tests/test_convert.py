@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from demo_helpers import tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from demo_helpers import tiny_llama, tiny_tokenizer
 from moa_hub import pipeline
 from moa_hub.pipeline import ConvertConfig, convert
 
@@ -33,7 +33,13 @@ def test_convert_runs_every_stage_and_resumes(base_folder, tmp_path, monkeypatch
     config = _config(base_folder, tmp_path)
     result = convert(config)
     work = config.work
-    for artifact in ("profile/profile_256.safetensors", "profile/profile_384.safetensors", "pareto.json", "validation.json", "plan.json"):
+    for artifact in (
+        "profile/profile_256.safetensors",
+        "profile/profile_384.safetensors",
+        "pareto.json",
+        "validation.json",
+        "plan.json",
+    ):
         assert (work / artifact).exists(), artifact
     assert list((work / "calibration").glob("calibration-*.jsonl"))
     plan = result.plan

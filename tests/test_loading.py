@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_dense, build_moa, random_plan
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import build_dense, build_moa, random_plan
 from moa_hub.export import write_moa_folder
 from moa_hub.model_folder import read_model_folder
 from moa_hub.plan import MoaPlan

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from conftest import build_dense, build_moa, dense_plan, random_plan
 from transformers import AttentionInterface
 
-from conftest import build_dense, build_moa, dense_plan, random_plan
 from moa_hub.remote import remote_module
 
 spans = remote_module("moa_spans")
@@ -148,7 +148,9 @@ def test_left_padded_batch_rows_equal_rows_alone(arch_kv):
 
 
 def test_cache_memory_follows_spans_not_length():
-    plan = dict(format_version=1, sink=64, min_span=128, alpha=[[150.0, 0.0], [200.0, -50.0]], beta=[[0.0, 0.3], [0.1, 0.5]])
+    plan = dict(
+        format_version=1, sink=64, min_span=128, alpha=[[150.0, 0.0], [200.0, -50.0]], beta=[[0.0, 0.3], [0.1, 0.5]]
+    )
     dense = build_dense("llama", 2, seed=13)
     moa = build_moa(dense, plan)
     ids = torch.randint(0, 101, (2, 700), generator=torch.Generator().manual_seed(13))
@@ -162,7 +164,10 @@ def test_cache_memory_follows_spans_not_length():
             if n % 37 and n != 699:
                 continue
             for layer in range(2):
-                span_sum = sum(spans.span_at(n, a, b, 64, 128) for a, b in zip(plan["alpha"][layer], plan["beta"][layer]))
+                span_sum = sum(
+                    spans.span_at(n, a, b, 64, 128)
+                    for a, b in zip(plan["alpha"][layer], plan["beta"][layer], strict=True)
+                )
                 bound = (1.1 * span_sum + 64 * 2) * head_dim * 2 * 4 * batch
                 assert cache.layers[layer].nbytes() <= bound, (n, layer)
             checked += 1
@@ -203,7 +208,9 @@ def test_triton_backend_matches_torch_backend_in_the_model(monkeypatch):
 def test_cuda_triton_model_matches_torch_reference(monkeypatch, dtype):
     """On the GPU: the model with the Triton kernels vs the torch path, fresh weights, ragged 300-token input."""
     dense = build_dense("llama", 2, seed=23, hidden_size=128, num_attention_heads=8, intermediate_size=256)
-    plan = dict(format_version=1, sink=16, min_span=32, alpha=[[40.0, -20.0], [70.0, 10.0]], beta=[[0.1, 0.6], [0.0, 0.3]])
+    plan = dict(
+        format_version=1, sink=16, min_span=32, alpha=[[40.0, -20.0], [70.0, 10.0]], beta=[[0.1, 0.6], [0.0, 0.3]]
+    )
     moa = build_moa(dense, plan).to("cuda", dtype)
     ids = torch.randint(0, 101, (3, 300), generator=torch.Generator().manual_seed(23)).cuda()
     cuts = [200, 263, 264, 265, 290]  # prefill, chunk over the cache, decode steps, chunk again

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from moa_hub import tasks  # noqa: E402
-from moa_hub.compare import EvalConfig, card_entries, report_rows, run_eval  # noqa: E402
 from moa_hub.card import CardConfig, write_card  # noqa: E402
+from moa_hub.compare import EvalConfig, card_entries, report_rows, run_eval  # noqa: E402
 from moa_hub.pipeline import ConvertConfig, convert  # noqa: E402
 from moa_hub.summary import print_summary  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
     rows = report_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+        print("  " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     print(f"\nDone in {time.time() - start:.0f} s. The converted model is in {args.output}")
 
 

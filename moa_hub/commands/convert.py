@@ -44,10 +44,13 @@ def convert(
     repo_id: str = typer.Option(None, "--repo-id", help="Target repo for --push."),
     private: bool = typer.Option(False, "--private", help="Create the pushed repo as private."),
     create_pr: bool = typer.Option(False, "--create-pr", help="Push as a pull request."),
-    token: str = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or the saved login).", show_default=False),
+    token: str = typer.Option(
+        None, "--token", help="Hub token (default: HF_TOKEN or the saved login).", show_default=False
+    ),
 ) -> None:
     from ..errors import MoaHubError
-    from ..pipeline import ConvertConfig, convert as run_convert
+    from ..pipeline import ConvertConfig
+    from ..pipeline import convert as run_convert
     from ..push import PushConfig
     from ..resolve import ResolveConfig
     from ..summary import print_summary

@@ -44,7 +44,7 @@ def eval_command(
     rows = report_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        typer.echo(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+        typer.echo(" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     if card:
         write_card(model, CardConfig(evaluation=card_entries(report)))
 

@@ -13,7 +13,8 @@ def parse_lengths(text: str, option: str) -> tuple[int, ...]:
         try:
             value = int(item[:-1] if scale > 1 else item) * scale
         except ValueError:
-            raise typer.BadParameter(f"{item!r} is not a length: use e.g. 2k,4k,8k or 2048,4096", param_hint=option)
+            message = f"{item!r} is not a length: use e.g. 2k,4k,8k or 2048,4096"
+            raise typer.BadParameter(message, param_hint=option) from None
         if value <= 0:
             raise typer.BadParameter(f"{item!r} must be positive", param_hint=option)
         lengths.append(value)

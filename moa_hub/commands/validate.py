@@ -19,7 +19,9 @@ Example:
 
 def validate(
     model: Path = typer.Argument(..., exists=True, file_okay=False, help="The dense base model folder."),
-    pareto: Path = typer.Option(..., "--pareto", exists=True, dir_okay=False, help="pareto.json from moa-hub optimize."),
+    pareto: Path = typer.Option(
+        ..., "--pareto", exists=True, dir_okay=False, help="pareto.json from moa-hub optimize."
+    ),
     calibration: Path = typer.Option(..., "--calibration", exists=True, dir_okay=False, help="Calibration jsonl."),
     length: int = typer.Option(..., "--length", help="Validation length: items of this length bucket are used."),
     output: Path = typer.Option(Path("validation.json"), "--output", "-o", help="Where to write the result."),
@@ -40,7 +42,7 @@ def validate(
     dense, _ = load_dense(model, device, dtype)
     result = validate_plans(dense, candidates, items, length)
     result.save(output)
-    for index, (loss, density) in enumerate(zip(result.losses, result.densities)):
+    for index, (loss, density) in enumerate(zip(result.losses, result.densities, strict=True)):
         mark = "  <- best" if index == result.best else ""
         typer.echo(f"plan {index + 1}: density {density:.3f} loss {loss:.4f}{mark}")
     typer.echo(f"dense loss {result.dense_loss:.4f}; written to {output}")
