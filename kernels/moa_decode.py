@@ -16,6 +16,7 @@ import torch
 
 from .moa_prefill import INTERPRETED, gather_head_slots, use_triton, window_lo
 from .moa_reference import moa_attention_ref
+from .moa_tensor_cache import TensorMemo
 
 try:
     import triton
@@ -151,17 +152,13 @@ def decode_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: i
     return work_head, work_split, starts.to(torch.int32), count.to(torch.int32)
 
 
-_WORK_LISTS: dict = {}
+_WORK_LISTS = TensorMemo()
 
 
 def _cached_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: int):
-    """decode_work_list, reused while head_capacity is unchanged (same storage and version)."""
-    key = (head_capacity.data_ptr(), head_capacity._version, str(head_capacity.device), split_len, total_slots)
-    if key not in _WORK_LISTS:
-        if len(_WORK_LISTS) > 64:
-            _WORK_LISTS.clear()
-        _WORK_LISTS[key] = decode_work_list(head_capacity, split_len, total_slots)
-    return _WORK_LISTS[key]
+    """decode_work_list, reused while this head_capacity tensor lives unchanged."""
+    compute = lambda: decode_work_list(head_capacity, split_len, total_slots)  # noqa: E731
+    return _WORK_LISTS.get((head_capacity,), (split_len, total_slots), compute)
 
 
 def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_capacity, lo, q_pos, scale, sink):

@@ -17,6 +17,7 @@ import torch
 
 from .moa_reference import moa_attention_ref
 from .moa_spans import window_at
+from .moa_tensor_cache import TensorMemo
 
 try:
     import triton
@@ -328,7 +329,7 @@ def _check_shapes(query: torch.Tensor, key: torch.Tensor, q_pos: torch.Tensor) -
         raise ValueError(f"head dim {head_dim} unsupported by the Triton kernel: use MOA_BACKEND=torch")
 
 
-_DENSE_LEN: dict = {}
+_DENSE_LEN = TensorMemo()
 
 
 def dense_length(alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> int:
@@ -336,13 +337,14 @@ def dense_length(alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: i
 
     The first call for a plan copies alpha/beta to the host (one sync); later calls cost nothing.
     """
-    key = (alpha.data_ptr(), alpha._version, beta.data_ptr(), beta._version, str(alpha.device), sink, min_span)
-    if key not in _DENSE_LEN:
+
+    def compute() -> int:
         a, b = alpha.detach().double().cpu().reshape(-1, 1), beta.detach().double().cpu().reshape(-1, 1)
         steps = torch.arange(1, 2**20 + 1, dtype=torch.int64)
         dense = (window_at(steps, a, b, sink, min_span) + sink == steps).all(dim=0)  # S(n) == n for every head
-        _DENSE_LEN[key] = int(dense.to(torch.int64).cumprod(0).sum())  # dense for all n <= this (S(n) <= n)
-    return _DENSE_LEN[key]
+        return int(dense.to(torch.int64).cumprod(0).sum())  # dense for all n <= this (S(n) <= n)
+
+    return _DENSE_LEN.get((alpha, beta), (sink, min_span), compute)
 
 
 def _all_dense(q_pos, alpha, beta, sink: int, min_span: int) -> bool:

@@ -281,3 +281,19 @@ def test_dense_length_is_where_the_first_head_stops_being_dense():
     expected = dense.index(False)  # lengths 1..expected are dense for every head
     assert prefill.dense_length(alpha, beta, 4, 16) == expected == 16  # head 2 (n - 5) is dense only up to min_span
     assert prefill.dense_length(torch.tensor([5000.0]), torch.tensor([0.0]), 4, 16) == 5000
+
+
+def test_tensor_memo_never_serves_a_freed_tensors_result():
+    from moa_hub.remote import remote_module
+
+    memo = remote_module("moa_tensor_cache").TensorMemo()
+    calls = []
+    for value in range(5):  # new tensors that may reuse a freed one's address
+        t = torch.full((4,), value, dtype=torch.int64)
+        got = memo.get((t,), (), lambda t=t: calls.append(1) or int(t[0]))
+        assert got == value and memo.get((t,), (), lambda: -1) == value
+        del t
+    assert len(calls) == 5
+    with torch.inference_mode():  # inference tensors have no version counter
+        t = torch.arange(3)
+        assert memo.get((t,), ("x",), lambda: 7) == 7
