@@ -118,7 +118,8 @@ def convert(config: ConvertConfig) -> ConvertResult:
 def load_dense(path: Path, device: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "auto":  # shard over every visible GPU when the model needs it (accelerate's device_map)
+        device = "auto" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device).eval()
     return model, AutoTokenizer.from_pretrained(path)
