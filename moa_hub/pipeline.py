@@ -111,7 +111,10 @@ def convert(config: ConvertConfig) -> ConvertResult:
         command=config.command,
     )
     write_card(output, card)
-    url = push_folder(output, config.push).url if config.push else None
+    url = None
+    if config.push:  # a failure here leaves `output` complete; the error says how to retry (moa-hub push)
+        pushed = push_folder(output, config.push)
+        url = pushed.pr_url or pushed.repo_url
     return ConvertResult(output=output, plan=plan, validation=validation, pushed_url=url)
 
 

@@ -66,3 +66,41 @@ def test_export_push_load_generate(tmp_path, monkeypatch):
             text=True,
         )
         assert anonymous.returncode != 0 and "private" in anonymous.stderr.lower() + anonymous.stdout.lower()
+
+
+def test_convert_from_hub_push_and_load(tmp_path, monkeypatch):
+    """`moa-hub convert HUB_ID --push`: resolve from the (fake) Hub, the whole search, push, load elsewhere."""
+    from demo_helpers import tiny_llama as tiny_llama_with_vocab
+    from demo_helpers import tiny_tokenizer
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with FakeHub(tokens={WRITE_TOKEN: "alice"}) as hub:
+        base = tmp_path / "base"
+        tokenizer = tiny_tokenizer()
+        tiny_llama_with_vocab(len(tokenizer), seed=5).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        sha = seed_base(hub, base)
+        out = tmp_path / "out"
+        env = {**hub_env(tmp_path, hub.endpoint), "HF_TOKEN": WRITE_TOKEN}
+        cmd = [
+            sys.executable, "-m", "moa_hub.cli", "convert", "meta/tiny", "--output", str(out), "--density", "0.6",
+            "--profile-lengths", "256,384", "--extend-length", "512", "--num-samples", "2", "--block-size", "16",
+            "--device", "cpu", "--dtype", "fp32", "--push", "--repo-id", "alice/tiny-moa-converted", "--private",
+        ]  # fmt: skip
+        run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert WRITE_TOKEN not in run.stdout + run.stderr
+        moa = json.loads((out / "config.json").read_text())["moa"]
+        assert moa["provenance"]["base_model"] == "meta/tiny" and moa["provenance"]["base_revision"] == sha
+        prompt = [json.dumps(torch.randint(3, 300, (41,)).tolist())]
+        local = subprocess.run(
+            [sys.executable, "-c", LOAD, str(out), "main", *prompt], env=env, capture_output=True, text=True
+        )
+        remote_env = hub_env(tmp_path / "fresh", hub.endpoint, token=WRITE_TOKEN)
+        remote = subprocess.run(
+            [sys.executable, "-c", LOAD, "alice/tiny-moa-converted", "main", *prompt],
+            env=remote_env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert local.returncode == 0 and remote.returncode == 0, local.stderr + remote.stderr
+        assert json.loads(remote.stdout.splitlines()[-1]) == json.loads(local.stdout.splitlines()[-1])
