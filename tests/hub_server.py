@@ -230,7 +230,8 @@ def _make_handler(hub: FakeHub):
             for key, value in headers.items():
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
-            if status >= 400:
+            if status >= 400:  # say so, or the client may reuse the socket we are about to close
+                self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
             if method != "HEAD":
