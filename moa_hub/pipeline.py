@@ -17,7 +17,7 @@ from . import __version__
 from .calibration import CalibrationConfig, build_calibration, by_length
 from .card import CardConfig, write_card
 from .errors import MoaHubError
-from .export import write_moa_folder
+from .export import check_output, write_moa_folder
 from .model_folder import read_model_folder
 from .optimize import OptimizeConfig, optimize_plans
 from .pareto import load_pareto, save_pareto
@@ -92,6 +92,7 @@ def convert(config: ConvertConfig) -> ConvertResult:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     resolved = resolve_model(config.model, config.resolve)
+    check_output(Path(config.output).expanduser().resolve(), resolved.path, config.overwrite)  # fail before the search
     model, tokenizer = load_dense(resolved.path, config.device, config.dtype)
     lengths = tuple(sorted(config.profile_lengths))
     calibration = CalibrationConfig(
