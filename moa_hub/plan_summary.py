@@ -4,61 +4,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import PlanError
-from .remote import remote_module
+from .plan import MoaPlan
 
 
 @dataclass(frozen=True)
 class PlanSummary:
-    """A read-only view of the plan dict: sink, min_span, alpha/beta [L][H], density {N: d}, provenance."""
+    """A read-only view of a validated plan (``config.json["moa"]``) for the card and its pictures."""
 
-    sink: int
-    min_span: int
-    alpha: list[list[float]]
-    beta: list[list[float]]
-    density: dict[int, float]
-    provenance: dict
+    plan: MoaPlan
 
     @classmethod
     def from_plan(cls, plan: dict) -> PlanSummary:
-        try:
-            alpha, beta = plan["alpha"], plan["beta"]
-            summary = cls(
-                sink=int(plan["sink"]),
-                min_span=int(plan["min_span"]),
-                alpha=[list(map(float, row)) for row in alpha],
-                beta=[list(map(float, row)) for row in beta],
-                density={int(n): float(d) for n, d in (plan.get("density") or {}).items()},
-                provenance=dict(plan.get("provenance") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise PlanError(f"config.json 'moa' block is malformed ({err!r}): re-export the model.") from None
-        if [len(r) for r in summary.alpha] != [len(r) for r in summary.beta] or not summary.alpha:
-            raise PlanError("config.json 'moa' alpha and beta must both be [layers][kv heads]: re-export the model.")
-        return summary
+        return cls(MoaPlan.from_dict(plan))
+
+    @property
+    def sink(self) -> int:
+        return self.plan.sink
+
+    @property
+    def min_span(self) -> int:
+        return self.plan.min_span
 
     @property
     def num_layers(self) -> int:
-        return len(self.alpha)
+        return self.plan.num_layers
 
     @property
     def num_kv_heads(self) -> int:
-        return len(self.alpha[0])
+        return self.plan.num_kv_heads
+
+    @property
+    def provenance(self) -> dict:
+        return self.plan.provenance.to_dict() if self.plan.provenance else {}
 
     @property
     def lengths(self) -> list[int]:
         """The lengths the plan was budgeted at (or a default ladder when it records none)."""
-        return sorted(self.density) or [1024, 4096, 16384]
+        return sorted(self.plan.density) or [1024, 4096, 16384]
 
     def span_grid(self, n: int) -> list[list[int]]:
-        span_at = remote_module("moa_spans").span_at
-        return [
-            [span_at(n, a, b, self.sink, self.min_span) for a, b in zip(ra, rb, strict=True)]
-            for ra, rb in zip(self.alpha, self.beta, strict=True)
-        ]
+        return self.plan.spans_at(n).tolist()
 
     def density_at(self, n: int) -> float:
-        return remote_module("moa_spans").kv_density(self.alpha, self.beta, n, self.sink, self.min_span)
+        return self.plan.kv_density(n)
 
     def density_budgets(self) -> dict[int, float]:
         """The optimizer's density bound per length (provenance.density_bounds), if recorded."""
