@@ -44,6 +44,7 @@ class MoaCacheLayer(CacheLayerMixin):
         self.min_span = int(min_span)
         self.max_cache_len = max_cache_len
         self.capacity: list[int] = []  # host copy of cap_g
+        self.fits_until = 0  # every head's capacity holds lengths up to this (host int)
         self.seq_len = 0  # tokens appended so far, padding included (host int)
         self.slot_pos: torch.Tensor | None = None
 
@@ -119,10 +120,29 @@ class MoaCacheLayer(CacheLayerMixin):
         self.head_offset = torch.tensor(offsets, dtype=torch.int64, device=self.device)
         self.head_capacity = torch.tensor(capacity, dtype=torch.int64, device=self.device)
         self.trash_slot = total - 1
+        self.fits_until = 0  # recomputed on the next reserve()
+
+    def _fits(self, n: int) -> bool:
+        return all(cap >= self.required_capacity(g, n) for g, cap in enumerate(self.capacity))
+
+    def _room_until(self) -> int:
+        """The largest length (up to 2**40) every head's current capacity holds (spans grow with n)."""
+        lo, hi = max(self.seq_len, 1), max(2 * self.seq_len, 2)
+        while hi < 2**40 and self._fits(hi):
+            lo, hi = hi, 2 * hi
+        if self._fits(hi):
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self._fits(mid) else (lo, mid)
+        return lo
 
     def reserve(self, n: int) -> None:
         """Make every head's ring large enough for length ``n`` (re-placing stored tokens if it grows)."""
-        if all(cap >= self.required_capacity(g, n) for g, cap in enumerate(self.capacity)):
+        if n <= self.fits_until:  # the per-token fast path: one comparison, no loop over heads
+            return
+        if self._fits(n):
+            self.fits_until = self._room_until()
             return
         if self.max_cache_len is not None and self.capacity[0] > 0:
             raise ValueError(

@@ -9,6 +9,7 @@ Everything else (weights, MLP, norms, heads, loss) is the base model's. Works wi
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -18,6 +19,7 @@ from .moa_attention import moa_attention
 from .moa_cache import MoaCache
 
 
+@functools.cache
 def cache_argument(forward) -> str:
     """Name of the cache argument of a transformers forward: 'cache' (>= 5.24) or 'past_key_values'."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
