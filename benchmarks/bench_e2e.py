@@ -1,105 +1,408 @@
-"""End-to-end generate() through the public API on real model shapes (random bf16 weights, no download).
+"""End-to-end serving speed of whole models on one GPU: decode throughput at max batch, memory, prefill.
 
-Preliminary version of issue 7's benchmark: dense transformers (SDPA + DynamicCache) against the MoA model
-(Triton kernels, MoaCache) on the same weights, both through ``generate()``; eager decode loops on both sides
-(no CUDA graphs, no torch.compile yet). Prints one row per case and writes JSON to --out.
+    PYTHONPATH=. python benchmarks/bench_e2e.py --out $OUT                 # the H200 run (Llama-3-8B shapes)
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/bench_e2e.py --smoke --out /tmp/e2e   # CPU smoke test
 
-    PYTHONPATH=. python benchmarks/bench_e2e.py --out $OUT
+Models are built from their published configs with random bf16 weights (no download). Methods, all on the
+same weights, all through the models' public forward / generate() with their caches:
+- ``hf-dynamic``: transformers dense, SDPA, DynamicCache, ``generate()`` (the paper's "HF" row);
+- ``hf-static``: transformers dense, SDPA, StaticCache, ``generate()`` with its automatic ``torch.compile``
+  (mode reduce-overhead = CUDA graphs), the fastest dense path in transformers;
+- ``moa-50`` / ``moa-25``: the MoA model (remote code, Triton kernels, static MoaCache) decoding with
+  ``MoaDecodeLoop`` (one CUDA graph per step, no host sync per token); plans mix 2 local heads and 6 long heads
+  per layer, scaled to 50% / 25% KV density at context + new tokens;
+- ``uniform-50``: sink + one window per head at the same density, same kernels and loop.
+
+Decode throughput for "N+T" (context N, T new tokens) is measured at each method's largest batch that fits
+with a cache for N+T tokens, over ``--steps`` steps taken at the midpoint context N + T/2 (decode cost grows
+linearly with context, so this is the mean over the generation); the cache is filled by a batch-1 prefill
+copied to every row (timing does not depend on the values). Roofline: bytes that must move per step (weights
+without the embedding table + the KV the method must read at that context) / measured copy bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import functools
+import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_attention import make_plan  # noqa: E402
-from moa_hub.apply import moa_twin  # noqa: E402
-from moa_hub.plan import MoaPlan  # noqa: E402
+from moa_hub.apply import moa_twin, set_plan  # noqa: E402
+from moa_hub.plan import MoaPlan, uniform_like  # noqa: E402
+from moa_hub.remote import remote_module  # noqa: E402
 
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SINK, MIN_SPAN = 64, 128
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
-}
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=512, rope_theta=10000.0),
+}  # fmt: skip
+cache_mod = remote_module("moa_cache")
+loop_mod = remote_module("moa_generate")
+model_mod = remote_module("moa_model")
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)  # noqa: T201 (a script)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def cleanup() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 def build(name: str) -> LlamaForCausalLM:
     config = LlamaConfig(
-        **SHAPES[name], num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-        max_position_embeddings=131072, tie_word_embeddings=False, attn_implementation="sdpa",
+        **SHAPES[name], max_position_embeddings=262144, tie_word_embeddings=False, attn_implementation="sdpa",
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    return model.eval()
+    with torch.device(DEV):
+        model = LlamaForCausalLM(config).to(DTYPE)
+    model.generation_config.pad_token_id = 0
+    return model.eval().requires_grad_(False)
 
 
-def plan_for(model, n: int, density: float) -> MoaPlan:
-    alpha, beta = make_plan(n, density, 64, 128)
-    layers = model.config.num_hidden_layers
-    return MoaPlan(alpha=[alpha.tolist()] * layers, beta=[beta.tolist()] * layers).with_density([n])
+def plans(model, n: int) -> dict[str, MoaPlan]:
+    layers, hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+
+    def mixed(density: float) -> MoaPlan:
+        alpha, beta = make_plan(n, density, SINK, MIN_SPAN, hkv)
+        return MoaPlan(alpha=[alpha.tolist()] * layers, beta=[beta.tolist()] * layers, sink=SINK, min_span=MIN_SPAN)
+
+    moa50, moa25 = mixed(0.5), mixed(0.25)
+    return {"moa-50": moa50, "moa-25": moa25, "uniform-50": uniform_like(moa50, n)}
 
 
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+def copy_bandwidth() -> float:
+    """Device-to-device copy, GB/s counting read + write (the same figure bench_attention.py uses)."""
+    src = torch.randn(1024 * 2**19, device=DEV, dtype=DTYPE)  # 1 GiB
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * 2**30 / statistics.median(times[2:]) / 1e9
 
 
-def run_case(model, batch: int, context: int, new_tokens: int) -> dict:
-    ids = torch.randint(0, 128000, (batch, context), device="cuda")
-    mask = torch.ones_like(ids)
-    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+def kv_bytes_per_token_dense(config) -> int:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(DTYPE).bits // 8
+
+
+def kv_bytes_must_read(config, plan: MoaPlan | None, context: int) -> int:
+    """KV bytes one row must read per decode step at this context (dense: all; MoA: the spans, + slot ids)."""
+    if plan is None:
+        return kv_bytes_per_token_dense(config) * context
+    spans = remote_module("moa_spans")
+    alpha = torch.tensor(plan.alpha, dtype=torch.float64)
+    beta = torch.tensor(plan.beta, dtype=torch.float64)
+    slots = int(spans.span_at(context, alpha, beta, plan.sink, plan.min_span).sum())
+    head_dim = config.hidden_size // config.num_attention_heads
+    return slots * (2 * head_dim * torch.finfo(DTYPE).bits // 8 + 4)
+
+
+def max_batch(per_row: int, cap: int, margin_gib: float) -> int:
+    if not CUDA:
+        return min(cap, 4)
+    free = torch.cuda.mem_get_info()[0] - margin_gib * 2**30
+    return int(max(1, min(cap, free // per_row)))
+
+
+# -- dense (transformers) ------------------------------------------------------------------------------
+def dense_prefill(model, ids: torch.Tensor):
+    cache = transformers.DynamicCache(config=model.config)
     with torch.inference_mode():
-        model.generate(ids[:, :256], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up (kernels compile)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        prefill = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs))
-        total = timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs))
-    decode = total - prefill
-    return dict(
-        prefill_s=round(prefill, 4), decode_s=round(decode, 4),
-        decode_tok_s=round(batch * (new_tokens - 1) / decode, 1),
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-    )  # fmt: skip
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def static_from(model, dyn, bsz: int, max_len: int) -> StaticCache:
+    """A StaticCache of batch bsz for max_len tokens holding the batch-1 DynamicCache's tokens in every row."""
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    for src, dst in zip(dyn.layers, cache.layers, strict=True):
+        length = src.keys.shape[2]
+        shape = (bsz, *src.keys.shape[1:2], 1, src.keys.shape[-1])
+        dst.lazy_initialization(src.keys.new_empty(shape), src.values.new_empty(shape))
+        dst.keys[:, :, :length].copy_(src.keys.expand(bsz, -1, -1, -1))
+        dst.values[:, :, :length].copy_(src.values.expand(bsz, -1, -1, -1))
+        dst.cumulative_length.fill_(length)
+    return cache
+
+
+def time_generate(model, cache, ids: torch.Tensor, steps: int, repeats: int) -> tuple[list[float], float]:
+    """Warm-up generate() (compiles when the cache is static), then `repeats` timed generate(steps)."""
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ids = model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        sync()
+        warm_s = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            ids = model.generate(ids, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps, **kwargs)
+            sync()
+            times.append((time.perf_counter() - t0) / steps)
+    return times, warm_s
+
+
+def run_dense(model, method: str, dyn, prompt, bsz: int, *, total: int, steps: int, repeats: int):
+    length = dyn.layers[0].keys.shape[2]
+    ids = torch.cat([prompt, prompt[:, -1:]], dim=1).expand(bsz, -1)  # cache holds `length`; 1 token to feed
+    if method == "hf-dynamic":
+        cache = copy.deepcopy(dyn)
+        cache.batch_repeat_interleave(bsz)
+    else:
+        cache = static_from(model, dyn, bsz, total)
+    assert ids.shape[1] == length + 1
+    return time_generate(model, cache, ids, steps, repeats)
+
+
+# -- MoA ------------------------------------------------------------------------------------------------
+def moa_prefill(moa, ids: torch.Tensor, total: int):
+    cache = cache_mod.MoaCache(moa.config, max_cache_len=total)
+    kw = model_mod.cache_argument(type(moa).forward)
+    with torch.inference_mode():
+        logits = moa(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1]
+    return cache, logits.argmax(-1)
+
+
+def run_moa(moa, cache1, first, bsz: int, *, steps: int, repeats: int):
+    cache = copy.deepcopy(cache1)
+    cache.batch_repeat_interleave(bsz)
+    warm = 3
+    loop = loop_mod.MoaDecodeLoop(moa, cache, max_steps=warm + steps * repeats)
+    loop.prime(first.expand(bsz), cache.layers[0].next_pos)
+    t0 = time.perf_counter()
+    loop.run(warm)  # eager step, capture, replay
+    sync()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        loop.run(steps)
+        sync()
+        times.append((time.perf_counter() - t0) / steps)
+    return times, warm_s
+
+
+def with_oom_retry(fn, bsz: int, tries: int = 4):
+    """Run fn(bsz); on out-of-memory retry with 85% of the batch (fragmentation, graph pools)."""
+    for attempt in range(tries):
+        try:
+            return fn(bsz), bsz
+        except torch.OutOfMemoryError:
+            if attempt == tries - 1:
+                raise
+            cleanup()
+            bsz = max(1, int(bsz * 0.85))
+    raise AssertionError("unreachable")
+
+
+def per_row_bytes(method: str, model, cache1, total: int) -> int:
+    if method.startswith("hf-"):
+        return kv_bytes_per_token_dense(model.config) * total
+    return sum(
+        layer.keys.numel() * 2 * layer.keys.element_size() + layer.slot_pos.numel() * 4 for layer in cache1.layers
+    )
+
+
+def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weight_bytes: int) -> list[dict]:
+    total, mid = context + new, context + new // 2
+    prompt = torch.randint(3, dense.config.vocab_size, (1, mid), device=DEV)
+    rows = []
+    plan_of = plans(dense, total)
+    dyn = None
+    for method in args.methods:
+        cleanup()
+        row = dict(context=context, new=new, method=method, measured_at=mid)
+        try:
+            t0 = time.perf_counter()
+            if method.startswith("hf-"):
+                dyn = dyn if dyn is not None else dense_prefill(dense, prompt)
+                cache1, plan = dyn, None
+            else:
+                plan = plan_of[method]
+                set_plan(moa, plan)
+                cache1, first = moa_prefill(moa, prompt, total)
+            sync()
+            row["prefill_b1_s"] = round(time.perf_counter() - t0, 3)
+            per_row = per_row_bytes(method, dense, cache1, total)
+            bsz = max_batch(per_row, args.max_batch, args.margin_gib)
+            timing = dict(steps=args.steps, repeats=args.repeats)
+            if method.startswith("hf-"):
+                fn = functools.partial(run_dense, dense, method, cache1, prompt, total=total, **timing)
+            else:
+                fn = functools.partial(run_moa, moa, cache1, first, **timing)
+            (times, warm_s), bsz = with_oom_retry(fn, bsz)
+            step_s = statistics.median(times)
+            must = weight_bytes + bsz * kv_bytes_must_read(dense.config, plan, mid)
+            row.update(
+                batch=bsz, cache_gib_per_row=round(per_row / 2**30, 3), step_ms=round(step_s * 1e3, 3),
+                step_ms_all=[round(t * 1e3, 3) for t in times], tok_s=round(bsz / step_s, 1),
+                warmup_s=round(warm_s, 1), bytes_per_step_gb=round(must / 1e9, 2),
+                roofline_pct=round(100 * must / (copy_gbps * 1e9) / step_s, 1),
+                kv_density=None if plan is None else round(plan.kv_density(total), 4),
+            )  # fmt: skip
+        except Exception as err:  # one failing method must not lose the others
+            row["error"] = f"{type(err).__name__}: {err}"[:400]
+        if not method.startswith("hf-"):
+            cache1 = None
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def memory_case(dense, moa, context: int, bsz: int, new: int, chunk: int) -> list[dict]:
+    """Peak GPU memory of generate() on a full batch (chunked prefill for both), dense vs MoA 50%."""
+    rows = []
+    ids = torch.randint(3, dense.config.vocab_size, (bsz, context), device=DEV)
+    set_plan(moa, plans(dense, context + new)["moa-50"])
+    for method, model in (("hf-dynamic", dense), ("moa-50 (generate)", moa)):
+        cleanup()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        row = dict(method=method, context=context, new=new, batch=bsz, prefill_chunk=chunk)
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False, pad_token_id=0, prefill_chunk_size=chunk,
+                )  # fmt: skip
+            sync()
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"[:400]
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def prefill_latency(dense, moa, lengths: list[int]) -> list[dict]:
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, dense.config.vocab_size, (1, n), device=DEV)
+        for method in ("hf-dynamic", "moa-50", "moa-25"):
+            cleanup()
+            reps = 3 if n <= 32768 else 1
+            times = []
+            for _ in range(reps):
+                sync()
+                t0 = time.perf_counter()
+                if method == "hf-dynamic":
+                    dense_prefill(dense, ids)
+                else:
+                    set_plan(moa, plans(dense, n)[method])
+                    moa_prefill(moa, ids, n)
+                sync()
+                times.append(time.perf_counter() - t0)
+            row = dict(length=n, method=method, prefill_s=round(statistics.median(times), 4), repeats=reps)
+            rows.append(row)
+            log(json.dumps(row))
+    return rows
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--contexts", default="4096+1024,8192+2048,16384+4096,32768+4096,131072+1024")
+    parser.add_argument("--methods", default="hf-dynamic,hf-static,moa-50,moa-25,uniform-50")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=384)
+    parser.add_argument("--margin-gib", type=float, default=6.0)
+    parser.add_argument(
+        "--memory", default="16384:32:32", help="context:batch:new for the peak-memory case ('' = skip)"
+    )
+    parser.add_argument("--prefill-lengths", default="4096,32768,131072")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and lengths (CPU check of the script)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.contexts, args.steps, args.repeats = "tiny", "96+32,160+64", 4, 2
+        args.memory, args.prefill_lengths = "128:2:4", "128"
+    args.methods = args.methods.split(",")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--cases", default="llama-3.2-1b:8:8192:64,llama-3-8b:8:8192:64,llama-3-8b:1:32768:32")
-    args = parser.parse_args()
-    rows = []
-    for case in args.cases.split(","):
-        name, batch, context, new_tokens = case.split(":")
-        batch, context, new_tokens = int(batch), int(context), int(new_tokens)
-        dense = build(name)
-        moa = moa_twin(dense, plan_for(dense, context + new_tokens, 0.5))
-        for method, model in (("dense sdpa+dynamic", dense), ("moa 50% triton", moa)):
-            try:
-                row = dict(model=name, method=method, batch=batch, context=context, new=new_tokens)
-                row.update(run_case(model, batch, context, new_tokens))
-            except Exception as err:  # report and go on: one failing case must not lose the others
-                row["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del dense, moa
-        torch.cuda.empty_cache()
-    meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dense = build(args.model)
+    moa = moa_twin(dense, plans(dense, 4096)["moa-50"])
+    copy_gbps = copy_bandwidth() if CUDA else 1.0
+    embed = dense.get_input_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters()) - embed.numel() * embed.element_size()
+    log(json.dumps(dict(copy_GBps=round(copy_gbps, 1), weight_GB_read_per_step=round(weight_bytes / 1e9, 2))))
+    result = dict(decode=[], memory=[], prefill=[])
+    for case in args.contexts.split(","):
+        context, new = (int(x) for x in case.split("+"))
+        result["decode"] += run_context(dense, moa, context, new, args, copy_gbps, weight_bytes)
+    if args.memory:
+        context, bsz, new = (int(x) for x in args.memory.split(":"))
+        result["memory"] = memory_case(dense, moa, context, bsz, new, chunk=min(4096, context))
+    if args.prefill_lengths:
+        result["prefill"] = prefill_latency(dense, moa, [int(x) for x in args.prefill_lengths.split(",")])
+    result["meta"] = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=args.model,
+        gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
+        transformers=transformers.__version__, copy_GBps=round(copy_gbps, 1), weight_bytes=weight_bytes,
+        args={k: str(v) for k, v in vars(args).items()},
     )  # fmt: skip
-    (args.out / "e2e.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    print(json.dumps(meta))
+    (args.out / "e2e.json").write_text(json.dumps(result, indent=2))
+    print_tables(result)
+
+
+def print_tables(result: dict) -> None:
+    by_ctx: dict = {}
+    for row in result["decode"]:
+        by_ctx.setdefault((row["context"], row["new"]), {})[row["method"]] = row
+    log("\n| context+new | method | batch | step ms | tok/s | x hf-dynamic | x hf-static | % roofline |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (ctx, new), rows in by_ctx.items():
+        base = {k: rows.get(k, {}).get("tok_s") for k in ("hf-dynamic", "hf-static")}
+        for method, row in rows.items():
+            if "error" in row:
+                log(f"| {ctx}+{new} | {method} | error: {row['error'][:80]} |")
+                continue
+            ratios = [f"{row['tok_s'] / b:.2f}" if b else "-" for b in base.values()]
+            log(f"| {ctx}+{new} | {method} | {row['batch']} | {row['step_ms']} | {row['tok_s']} | "
+                f"{ratios[0]} | {ratios[1]} | {row['roofline_pct']} |")  # fmt: skip
+    for row in result["memory"] + result["prefill"]:
+        log(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .moa_attention import moa_attention
 from .moa_cache import MoaCache
+from .moa_generate import greedy_generate
 
 
 @functools.cache
@@ -134,3 +135,11 @@ class MoaForCausalLMMixin:
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
             kwargs[cache_kw] = MoaCache(self.config)
         return super().generate(*args, **kwargs)
+
+    def moa_generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
+        """Greedy generation with a static MoaCache and a CUDA-graph decode loop (no host sync per token).
+
+        Same tokens as ``generate(do_sample=False)``; kwargs: eos_token_id, pad_token_id, cuda_graph,
+        max_cache_len. See moa_generate.py.
+        """
+        return greedy_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
