@@ -22,6 +22,10 @@ without the embedding table + the KV the method must read at that context) / mea
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # batches fill the card: no fragmentation
+
 import argparse
 import copy
 import datetime
@@ -152,10 +156,42 @@ def static_from(model, dyn, bsz: int, max_len: int) -> StaticCache:
         length = src.keys.shape[2]
         shape = (bsz, *src.keys.shape[1:2], 1, src.keys.shape[-1])
         dst.lazy_initialization(src.keys.new_empty(shape), src.values.new_empty(shape))
-        dst.keys[:, :, :length].copy_(src.keys.expand(bsz, -1, -1, -1))
-        dst.values[:, :, :length].copy_(src.values.expand(bsz, -1, -1, -1))
+        for row in range(bsz):  # src is on the host (to_host)
+            dst.keys[row, :, :length].copy_(src.keys[0])
+            dst.values[row, :, :length].copy_(src.values[0])
         dst.cumulative_length.fill_(length)
     return cache
+
+
+ROW_TENSORS = ("keys", "values", "slot_pos", "next_pos")  # per-row state of a cache layer (MoA and dense)
+
+
+def to_host(cache):
+    """The batch-1 cache with its per-row tensors moved to host memory (so it costs no GPU memory)."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        for name in ROW_TENSORS:
+            if isinstance(getattr(layer, name, None), torch.Tensor):
+                setattr(layer, name, getattr(layer, name).cpu())
+    return out
+
+
+def expand_rows(host_cache, bsz: int):
+    """A GPU copy of a host batch-1 cache with bsz identical rows (row by row: no host-side expansion)."""
+    out = copy.copy(host_cache)
+    out.layers = []
+    for layer in host_cache.layers:
+        new = copy.copy(layer)
+        for name in ROW_TENSORS:
+            src = getattr(layer, name, None)
+            if isinstance(src, torch.Tensor):
+                dst = torch.empty((bsz, *src.shape[1:]), dtype=src.dtype, device=DEV)
+                for row in range(bsz):
+                    dst[row].copy_(src[0])
+                setattr(new, name, dst)
+        out.layers.append(new)
+    return out
 
 
 def time_generate(model, cache, ids: torch.Tensor, steps: int, repeats: int) -> tuple[list[float], float]:
@@ -180,8 +216,7 @@ def run_dense(model, method: str, dyn, prompt, bsz: int, *, total: int, steps: i
     length = dyn.layers[0].keys.shape[2]
     ids = torch.cat([prompt, prompt[:, -1:]], dim=1).expand(bsz, -1)  # cache holds `length`; 1 token to feed
     if method == "hf-dynamic":
-        cache = copy.deepcopy(dyn)
-        cache.batch_repeat_interleave(bsz)
+        cache = expand_rows(dyn, bsz)
     else:
         cache = static_from(model, dyn, bsz, total)
     assert ids.shape[1] == length + 1
@@ -198,8 +233,7 @@ def moa_prefill(moa, ids: torch.Tensor, total: int):
 
 
 def run_moa(moa, cache1, first, bsz: int, *, steps: int, repeats: int):
-    cache = copy.deepcopy(cache1)
-    cache.batch_repeat_interleave(bsz)
+    cache = expand_rows(cache1, bsz)
     warm = 3
     loop = loop_mod.MoaDecodeLoop(moa, cache, max_steps=warm + steps * repeats)
     loop.prime(first.expand(bsz), cache.layers[0].next_pos)
@@ -231,8 +265,16 @@ def with_oom_retry(fn, bsz: int, tries: int = 4):
 
 
 def per_row_bytes(method: str, model, cache1, total: int) -> int:
+    """Cache bytes per row for `total` tokens, with the transient a decode step adds on top."""
     if method.startswith("hf-"):
-        return kv_bytes_per_token_dense(model.config) * total
+        # dynamic: torch.cat makes a new K and V of one layer per step (2 / layers); static: SDPA gets a mask,
+        # so transformers repeats K and V to the query heads for one layer (2 x group / layers)
+        layers, group = (
+            model.config.num_hidden_layers,
+            model.config.num_attention_heads // model.config.num_key_value_heads,
+        )
+        extra = (2 * group if method == "hf-static" else 2) / layers
+        return int(kv_bytes_per_token_dense(model.config) * total * (1 + extra))
     return sum(
         layer.keys.numel() * 2 * layer.keys.element_size() + layer.slot_pos.numel() * 4 for layer in cache1.layers
     )
@@ -250,12 +292,13 @@ def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weig
         try:
             t0 = time.perf_counter()
             if method.startswith("hf-"):
-                dyn = dyn if dyn is not None else dense_prefill(dense, prompt)
+                dyn = dyn if dyn is not None else to_host(dense_prefill(dense, prompt))
                 cache1, plan = dyn, None
             else:
                 plan = plan_of[method]
                 set_plan(moa, plan)
                 cache1, first = moa_prefill(moa, prompt, total)
+                cache1 = to_host(cache1)
             sync()
             row["prefill_b1_s"] = round(time.perf_counter() - t0, 3)
             per_row = per_row_bytes(method, dense, cache1, total)
