@@ -22,11 +22,13 @@ from .moa_spans import window_at
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice  # mul_rn / add_rn (used only when compiled)
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs fall back to the torch reference
     triton = None
     tl = None
+    libdevice = None
     HAS_TRITON = False
 
 BIG = 2**40  # "no window edge" for padding queries (positions are far below this)
@@ -52,8 +54,6 @@ def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink
 if HAS_TRITON:
     _BIG_C = tl.constexpr(BIG)
     _ROUND_EACH = tl.constexpr(not INTERPRETED)  # the interpreter (numpy) never fuses: plain ops are exact there
-    if not INTERPRETED:
-        from triton.language.extra import libdevice
 
     @triton.jit
     def window_edge(pos, alpha, beta, SINK: tl.constexpr, MIN_SPAN: tl.constexpr):
