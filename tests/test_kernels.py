@@ -366,3 +366,25 @@ def test_decode_and_prefill_launch_no_torch_ops(monkeypatch):
         prefill.moa_prefill(pq, pk, pv, p_pos, *rule)
     assert decode._moa_decode_split.calls == 1 and prefill._moa_prefill_fwd.calls == 1
     assert ops.seen <= allowed, f"torch ops per call: {sorted(ops.seen - allowed)}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_decode_many_splits_graph_replays(fused):
+    """Dozens of splits per head race to merge: 20 graph replays with fresh queries all match float64."""
+    plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
+    lengths = [6000, 3001, 5999, 7]  # the long heads get ~40 splits of 128 slots
+    query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, 128)
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    config = dict(decode.decode_config(len(lengths), cache[0].shape[1] - 1), fused_merge=fused)
+    call = lambda: decode._launch_decode(query, cache, q_pos, *rule[:2], 128**-0.5, *rule[2:], config=config)  # noqa: E731
+    call()  # compile and cache the work list before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(20):
+        query.copy_(torch.randn_like(query))
+        graph.replay()
+        ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+        assert rel_err(out, ref64) < 1e-2
