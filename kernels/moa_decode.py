@@ -240,8 +240,8 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 # d=128 bf16, by decode work (rows x cache slots) bucket. benchmarks/bench_attention.py --sweep times the candidates
 # per bucket on the GPU and prints this table filled with the winners (2026-11-24 H200 run: 64 / 4 / 4 / 8).
 DECODE_CONFIGS = [
-    (2**19, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
-    (2**23, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
+    (2**20, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
+    (2**24, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
     (2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
@@ -276,6 +276,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     q = q if q.stride(-1) == 1 else q.contiguous()
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     merge_g = triton.next_power_of_2(group)
+    merge_splits = config.get("merge_splits", 8)  # splits merged per step: [merge_splits, group, D] fp32 at once
     part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     _moa_decode_split[(num_items, bsz)](
         q, cache_keys, cache_values, slot_pos, head_offset, head_capacity, q_pos, alpha, beta,
@@ -285,19 +286,16 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         *part_strides, out.stride(0), out.stride(1),
         num_kv_heads, scale * 1.4426950408889634,
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span,
-        HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], SPLIT_LEN=split_len, BLOCK_S=MERGE_SPLITS,
+        HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], SPLIT_LEN=split_len, BLOCK_S=merge_splits,
         FUSED_MERGE=fused, DOT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     if not fused:
         _moa_decode_merge[(num_kv_heads, bsz)](
             part_o, part_lse, work_start, work_count, out, *part_strides, out.stride(0), out.stride(1),
-            GROUP=group, MERGE_G=merge_g, HEAD_DIM=head_dim, BLOCK_S=MERGE_SPLITS,
+            GROUP=group, MERGE_G=merge_g, HEAD_DIM=head_dim, BLOCK_S=merge_splits,
             num_warps=1 if INTERPRETED else 4,
         )  # fmt: skip
     return out
-
-
-MERGE_SPLITS = 8  # splits merged per step (their outputs: [8, group, D] fp32 at once)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
