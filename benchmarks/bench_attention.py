@@ -350,7 +350,6 @@ class BenchConfig(argparse.Namespace):
     def quick(cls) -> BenchConfig:
         """The issue's tables in about 5 minutes on one H200: fewer candidates, shorter timings, little flex."""
         cfg = cls()
-        cfg.sweep_n = (1024, 4096, 16384, 32768)
         cfg.sweep_rep_ms, cfg.prefill_rep_ms, cfg.copy_mb = 100, 300, 2048
         cfg.prefill_candidates = ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
                                   (128, 128, 8, 2))  # fmt: skip
