@@ -159,7 +159,7 @@ def flex_setup(q_len: int, lo: torch.Tensor, hq: int, group: int, sink: int):
     return lambda: create_block_mask(mask_mod, B=None, H=hq, Q_LEN=q_len, KV_LEN=q_len, device=DEV, _compile=True)
 
 
-def dense_flash(query, key, value):
+def dense_flash(query, key, value, rep_ms: int):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     group = query.shape[1] // key.shape[1]
@@ -167,7 +167,7 @@ def dense_flash(query, key, value):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if CUDA else [SDPBackend.MATH]):
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(query, rep_k, rep_v, is_causal=True)  # noqa: E731
         t_graph = bench(graphed(fn)) if query.shape[2] <= 4096 else None
-        return bench(fn, rep_ms=1000), t_graph
+        return bench(fn, rep_ms=rep_ms), t_graph
 
 
 def prefill_case(cfg, n: int, target: float, tensors, ceil: dict, t_flash: tuple, flex) -> dict:
@@ -176,7 +176,7 @@ def prefill_case(cfg, n: int, target: float, tensors, ceil: dict, t_flash: tuple
     alpha, beta = make_plan(n, target, sink, ms, hkv)
     rule = (alpha.to(DEV), beta.to(DEV), sink, ms)
     frac = spans.attention_fraction(alpha, beta, n, sink, ms)
-    t = bench(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule), rep_ms=1000)
+    t = bench(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule), rep_ms=cfg.prefill_rep_ms)
     t_graph = bench(graphed(lambda: prefill.moa_prefill(query, key, value, q_pos, *rule))) if n <= 4096 else None
     flops = 4 * hq * d * frac * n * (n + 1) / 2
     moved = (2 * hq + 2 * hkv) * n * d * 2
@@ -192,7 +192,8 @@ def prefill_case(cfg, n: int, target: float, tensors, ceil: dict, t_flash: tuple
         block_mask = make_mask()
         torch.cuda.synchronize()
         row["flex_mask_ms"] = (time.perf_counter() - start) * 1e3
-        row["flex_ms"] = bench(lambda: flex(query, key, value, block_mask=block_mask, enable_gqa=True), rep_ms=1000)
+        flex_fn = lambda: flex(query, key, value, block_mask=block_mask, enable_gqa=True)  # noqa: E731
+        row["flex_ms"] = bench(flex_fn, rep_ms=cfg.prefill_rep_ms)
         row["flex_vs_moa_err"] = rel(flex(query, key, value, block_mask=block_mask, enable_gqa=True),
                                      prefill.moa_prefill(query, key, value, q_pos, *rule))  # fmt: skip
     return row
@@ -208,7 +209,7 @@ def run_prefill(cfg, ceil: dict, rows: list) -> None:
         query = torch.randn(1, cfg.hq, n, cfg.head_dim, device=DEV, dtype=DTYPE)
         key, value = (torch.randn(1, cfg.hkv, n, cfg.head_dim, device=DEV, dtype=DTYPE) for _ in range(2))
         q_pos = torch.arange(n, device=DEV)[None]
-        t_flash = dense_flash(query, key, value)
+        t_flash = dense_flash(query, key, value, cfg.prefill_rep_ms)
         for target in cfg.densities:
             try:
                 row = prefill_case(cfg, n, target, (query, key, value, q_pos), ceil, t_flash, flex)
@@ -241,58 +242,83 @@ def check_correct(cfg) -> dict:
     dout = decode.moa_decode(dq, *cache, dpos, *rule)
     dref = decode.moa_decode_ref(dq.double(), cache[0].double(), cache[1].double(), *cache[2:], dpos, *rule)
     result = {"prefill_rel_err": rel(out, ref), "decode_rel_err": rel(dout, dref)}
+    for fused in (True, False):  # both merge variants, with small splits (many per head)
+        conf = {"BLOCK_N": 16 if decode.INTERPRETED else 64, "num_warps": 1 if decode.INTERPRETED else 4,
+                "num_stages": 1 if decode.INTERPRETED else 3, "split_len": 32 if decode.INTERPRETED else 128,
+                "fused_merge": fused}  # fmt: skip
+        variant = decode._launch_decode(dq, cache, dpos, *rule[:2], d**-0.5, sink, ms, config=conf)
+        result[f"decode_fused_{fused}_rel_err"] = rel(variant, dref)
     log(json.dumps(result))
-    if not (result["prefill_rel_err"] < 1e-2 and result["decode_rel_err"] < 1e-2):
+    if not all(err < 1e-2 for err in result.values()):
         raise SystemExit(f"kernels disagree with the reference: {result}")
     return result
 
 
-def sweep_prefill(cfg, bucket: int, n: int) -> dict:
-    """Time every prefill candidate at length n (density 25%) and install the best for PREFILL_CONFIGS[bucket]."""
-    alpha, beta = make_plan(n, 0.25, cfg.sink, cfg.min_span, cfg.hkv)
+def prefill_inputs(cfg, n: int, density: float):
+    alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
     rule = (alpha.to(DEV), beta.to(DEV), cfg.sink, cfg.min_span)
     query = torch.randn(1, cfg.hq, n, cfg.head_dim, device=DEV, dtype=DTYPE)
     key, value = (torch.randn(1, cfg.hkv, n, cfg.head_dim, device=DEV, dtype=DTYPE) for _ in range(2))
-    q_pos = torch.arange(n, device=DEV)[None]
-    lo = prefill.window_lo(q_pos, *rule)
+    return query, key, value, torch.arange(n, device=DEV)[None], rule
+
+
+def sweep_prefill(cfg, bucket: int, n: int) -> dict:
+    """Time every prefill candidate at length n (density 25%) and install the best for PREFILL_CONFIGS[bucket]."""
+    query, key, value, q_pos, (alpha, beta, sink, min_span) = prefill_inputs(cfg, n, 0.25)
     timings = {}
     for bm, bn, warps, stages in cfg.prefill_candidates:
         conf = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+        args = (query, key, value, q_pos, alpha, beta, None, cfg.head_dim**-0.5, sink, min_span, conf)
         try:
-            fn = lambda: prefill._launch_prefill(query, key, value, q_pos, lo, None, 128**-0.5, cfg.sink, conf)  # noqa: B023,E731
-            timings[json.dumps(conf)] = bench(fn, rep_ms=300)
+            timings[json.dumps(conf)] = bench(lambda: prefill._launch_prefill(*args), rep_ms=cfg.sweep_rep_ms)  # noqa: B023
         except Exception as exc:
             log("prefill config failed", conf, repr(exc)[:200])
-    log(f"prefill sweep n={n}", timings)
+    log(f"prefill sweep n={n}", json.dumps(timings))
     best = json.loads(min(timings, key=timings.get))
     prefill.PREFILL_CONFIGS[bucket] = (prefill.PREFILL_CONFIGS[bucket][0], best)
-    return best
+    return {"n": n, "best": best, "ms": timings}
 
 
-def sweep_decode(cfg) -> dict:
-    """Time every decode candidate (CUDA-graph replays) on one bandwidth-bound shape; install the best."""
-    n, bsz = cfg.sweep_decode_n, cfg.sweep_decode_b
+def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
+    """Time every decode candidate (CUDA-graph replays) at (n, bsz, density 50%); install the best in the bucket."""
     alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
+    limit, original = decode.DECODE_CONFIGS[bucket]
     timings = {}
-    for bn, warps, stages, per_sm in cfg.decode_candidates:
-        decode.DECODE_CONFIG.update(
-            {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
-        )
+    for bn, warps, stages, per_sm, fused, merge_splits in cfg.decode_candidates:
+        conf = {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
+                "fused_merge": fused, "merge_splits": merge_splits}  # fmt: skip
+        decode.DECODE_CONFIGS[bucket] = (limit, conf)
         try:
-            timings[json.dumps(dict(decode.DECODE_CONFIG))] = time_moa_decode(bsz, n, alpha, beta, cfg)[0]
+            ms, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
+            if not decode.INTERPRETED and decode.decode_config(bsz, slots) is not conf:
+                raise SystemExit(f"decode sweep shape n={n} b={bsz} is not in bucket {bucket}: fix BenchConfig")
+            timings[json.dumps(conf)] = ms
+        except SystemExit:
+            raise
         except Exception as exc:
-            log("decode config failed", bn, warps, stages, per_sm, repr(exc)[:200])
-    log("decode sweep", timings)
-    best = json.loads(min(timings, key=timings.get))
-    decode.DECODE_CONFIG.update(best)
-    return best
+            log("decode config failed", conf, repr(exc)[:200])
+    log(f"decode sweep n={n} b={bsz}", json.dumps(timings))
+    best = json.loads(min(timings, key=timings.get)) if timings else original
+    decode.DECODE_CONFIGS[bucket] = (limit, best)
+    return {"n": n, "batch": bsz, "best": best, "ms": timings}
 
 
 def sweep(cfg) -> dict:
-    """Pick the launch configs on this device before the tables (prefill per length bucket, decode once)."""
+    """Pick the launch configs on this device before the tables: prefill and decode, one shape per length bucket."""
     chosen = {f"prefill_{n}": sweep_prefill(cfg, bucket, n) for bucket, n in enumerate(cfg.sweep_n)}
-    chosen["decode"] = sweep_decode(cfg)
+    for bucket, (n, bsz) in enumerate(cfg.sweep_decode):
+        chosen[f"decode_{n}x{bsz}"] = sweep_decode(cfg, bucket, n, bsz)
+    log("# tables to paste into kernels/moa_prefill.py and kernels/moa_decode.py:\n" + config_tables())
     return chosen
+
+
+def config_tables() -> str:
+    """The installed launch-config tables as Python source (the winners of this run's sweep)."""
+    lines = ["PREFILL_CONFIGS = ["]
+    lines += [f"    ({limit}, {conf})," for limit, conf in prefill.PREFILL_CONFIGS]
+    lines += ["]", "DECODE_CONFIGS = ["]
+    lines += [f"    ({limit}, {conf})," for limit, conf in decode.DECODE_CONFIGS]
+    return "\n".join(lines + ["]"]).replace("2305843009213693952", "2**61").replace("4611686018427387904", "2**62")
 
 
 class BenchConfig(argparse.Namespace):
@@ -303,22 +329,42 @@ class BenchConfig(argparse.Namespace):
     decode_n = (8192, 32768, 131072)
     decode_b = (1, 16, 64)
     prefill_n = (1024, 4096, 16384, 32768, 131072)
-    check_n, sweep_n, sweep_decode_n, sweep_decode_b = 3000, (4096, 16384, 65536), 32768, 16
-    prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                          (128, 128, 8, 2), (128, 64, 8, 4))  # fmt: skip
-    decode_candidates = ((64, 8, 4, 8), (64, 8, 4, 24), (64, 4, 4, 8), (64, 4, 4, 24), (128, 8, 3, 8),
-                         (128, 8, 3, 24), (32, 4, 4, 24), (64, 8, 3, 48))  # fmt: skip
+    check_n = 3000
+    # one length per PREFILL_CONFIGS bucket (<= 2k, <= 8k, <= 32k, longer); one (n, batch) per DECODE_CONFIGS
+    # bucket (rows x slots <= 2**20, <= 2**24, more; slots ~ 8 heads x n x density 0.5: 131k, 2.1M, 33.5M)
+    sweep_n = (1024, 4096, 16384, 65536)
+    sweep_decode = ((32768, 1), (32768, 16), (131072, 64))
+    sweep_rep_ms, prefill_rep_ms = 300, 1000
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                          (128, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3))  # fmt: skip
+    # (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits)
+    decode_candidates = ((64, 4, 4, 8, True, 8), (64, 4, 4, 8, False, 8), (64, 4, 4, 8, True, 16),
+                         (64, 4, 4, 24, True, 8), (64, 8, 4, 8, True, 8), (128, 8, 3, 8, True, 8),
+                         (32, 4, 4, 24, True, 16), (64, 4, 3, 4, True, 8), (64, 8, 3, 48, True, 16),
+                         (32, 2, 4, 16, True, 8))  # fmt: skip
     copy_mb = 4096
     flex_deadline = float("inf")
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """The issue's tables in about 5 minutes on one H200: fewer candidates, shorter timings, little flex."""
+        cfg = cls()
+        cfg.sweep_rep_ms, cfg.prefill_rep_ms, cfg.copy_mb = 100, 300, 2048
+        cfg.prefill_candidates = ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                                  (128, 128, 8, 2))  # fmt: skip
+        cfg.decode_candidates = ((64, 4, 4, 8, True, 8), (64, 4, 4, 8, False, 8), (64, 4, 4, 8, True, 16),
+                                 (64, 4, 4, 24, True, 8), (32, 2, 4, 16, True, 8), (64, 4, 3, 4, True, 16))  # fmt: skip
+        return cfg
 
     @classmethod
     def smoke(cls) -> BenchConfig:
         cfg = cls()
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         cfg.decode_n, cfg.decode_b, cfg.prefill_n = (96,), (2,), (64, 100)
-        cfg.check_n, cfg.sweep_n, cfg.sweep_decode_n, cfg.sweep_decode_b, cfg.copy_mb = 70, (64, 80, 96), 96, 2, 8
+        cfg.check_n, cfg.sweep_n, cfg.sweep_decode, cfg.copy_mb = 70, (64, 80, 96, 100), ((96, 2),), 8
         cfg.prefill_candidates = ((16, 16, 1, 1),)
-        cfg.decode_candidates = ((16, 1, 1, 8),)
+        cfg.decode_candidates = ((16, 1, 1, 8, True, 8), (16, 1, 1, 8, False, 4))
         return cfg
 
 
@@ -366,11 +412,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
+    parser.add_argument("--quick", action="store_true", help="the issue's tables in ~5 min (short sweep, flex 60 s)")
     parser.add_argument("--skip-flex", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--flex-budget-s", type=float, default=330.0, help="stop timing flex after this many s")
+    parser.add_argument("--flex-budget-s", type=float, default=None, help="stop timing flex after this many s")
     args = parser.parse_args()
-    cfg = BenchConfig.smoke() if args.smoke else BenchConfig()
+    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy >= 2.4 vs triton 3.6's interpreter (see tests/conftest.py)
+        from tests.conftest import patch_interpreter_index
+
+        patch_interpreter_index()
+    cfg = BenchConfig.smoke() if args.smoke else BenchConfig.quick() if args.quick else BenchConfig()
+    if args.flex_budget_s is None:
+        args.flex_budget_s = 60.0 if args.quick else 330.0
     cfg.skip_flex = args.skip_flex
     cfg.flex_deadline = time.time() + args.flex_budget_s
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,10 @@ into splits of ``split_len`` slots, so a long head is spread over many programs 
 head takes one or two. The list is built on the device from ``head_capacity`` with static shapes, so
 a decode step has no host synchronisation and can be captured in a CUDA graph. Each program serves
 all query heads of the GQA group with one read of K/V (the group is the M dimension of the dot),
-writes a partial output and log-sum-exp; a second kernel merges the splits of each (row, kv head).
+computes the window edge of its head in the kernel (``moa_window.window_edge``) and writes a partial
+output and log-sum-exp; the last split of each (row, kv head) to finish, found with an atomic ticket that it
+resets, merges the splits (a head with one split writes its output directly). So a decode step is one launch.
+A separate merge kernel remains for ``fused_merge=False`` configs.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import functools
 
 import torch
 
-from .moa_prefill import INTERPRETED, gather_head_slots, use_triton, window_lo
+from .moa_prefill import gather_head_slots, use_triton
 from .moa_reference import moa_attention_ref
 from .moa_tensor_cache import TensorMemo
+from .moa_window import INTERPRETED
 
 try:
     import triton
     import triton.language as tl
+
+    from .moa_window import window_edge
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs fall back to the torch reference
@@ -32,29 +38,69 @@ except ImportError:  # CPU-only installs fall back to the torch reference
 if HAS_TRITON:
 
     @triton.jit
+    def _merge_splits(
+        PartO, PartLse, Out, b, g, first, count,
+        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+        GROUP: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        # log2-domain merge of the (output, lse) of splits [first, first + count), BLOCK_S splits at a time
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_g = tl.arange(0, MERGE_G)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_group = offs_g < GROUP
+        lse_base = PartLse + b * stride_lb + offs_g[None, :]
+        m_i = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, count, BLOCK_S):  # pass 1: the largest lse per query head
+            ws = first + s0 + offs_s
+            ok = ((s0 + offs_s) < count)[:, None] & in_group[None, :]
+            lse = tl.load(lse_base + ws[:, None] * stride_lw, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            m_i = tl.maximum(m_i, tl.max(lse, 0))
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        l_i = tl.zeros([MERGE_G], dtype=tl.float32)
+        acc = tl.zeros([MERGE_G, HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, count, BLOCK_S):  # pass 2: weights 2^(lse - max), outputs [BLOCK_S, MERGE_G, D]
+            ws = first + s0 + offs_s
+            ok = ((s0 + offs_s) < count)[:, None] & in_group[None, :]
+            lse = tl.load(lse_base + ws[:, None] * stride_lw, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            p = tl.math.exp2(lse - m_safe[None, :])  # [BLOCK_S, MERGE_G]
+            o_ptrs = (PartO + b * stride_pb + ws[:, None, None] * stride_pw + offs_g[None, :, None] * stride_pg
+                      + offs_d[None, None, :])  # fmt: skip
+            o = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+            l_i += tl.sum(p, 0)
+            acc += tl.sum(p[:, :, None] * o, 0)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = Out + b * stride_ob + (g * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
+
+    @triton.jit
     def _moa_decode_split(
-        Q, CacheK, CacheV, SlotPos, HeadOff, HeadCap, QPos, WinLo, WorkHead, WorkSplit, PartO, PartLse,
-        stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
-        stride_wb, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw,
-        sm_scale_log2,
-        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        Q, CacheK, CacheV, SlotPos, HeadOff, HeadCap, QPos, Alpha, Beta,
+        WorkHead, WorkSplit, WorkStart, WorkCount, PartO, PartLse, Counter, Out,
+        stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
+        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+        num_kv_heads, sm_scale_log2,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
+        MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
+        BLOCK_S: tl.constexpr, FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         w = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
         g = tl.load(WorkHead + w)  # -1: this item has no work
         split = tl.load(WorkSplit + w)
-        g_safe = tl.maximum(g, 0)
-        head_end = tl.load(HeadOff + g_safe) + tl.load(HeadCap + g_safe)
-        first = tl.load(HeadOff + g_safe) + split * SPLIT_LEN
+        g_safe = tl.maximum(g, 0).to(tl.int64)
+        head_first = tl.load(HeadOff + g_safe).to(tl.int64)
+        head_end = head_first + tl.load(HeadCap + g_safe).to(tl.int64)
+        first = head_first + split * SPLIT_LEN
         stop = tl.where(g >= 0, tl.minimum(first + SPLIT_LEN, head_end), first)
+        count = tl.load(WorkCount + g_safe)  # splits of this head
 
         offs_g = tl.arange(0, BLOCK_G)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_group = offs_g < GROUP
-        qp = tl.load(QPos + b)
-        lo = tl.load(WinLo + b * stride_wb + g_safe)
+        qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
+        lo = window_edge(qp, tl.load(Alpha + g_safe).to(tl.float64), tl.load(Beta + g_safe).to(tl.float64),
+                         SINK, MIN_SPAN)  # fmt: skip
         # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
         q_ptrs = Q + b * stride_qb + (g_safe * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
@@ -82,43 +128,46 @@ if HAS_TRITON:
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        o_ptrs = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
-        tl.store(o_ptrs, out, mask=in_group[:, None])
-        tl.store(PartLse + b * stride_lb + w * stride_lw + offs_g, lse, mask=in_group)
+        part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
+        part_lse = PartLse + b * stride_lb + w * stride_lw + offs_g
+        if FUSED_MERGE:
+            if count == 1:  # the head's only split: its result is the output
+                if g >= 0:
+                    o_ptrs = Out + b * stride_ob + (g_safe * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+                    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
+            else:
+                tl.store(part_o, out, mask=in_group[:, None])
+                tl.store(part_lse, lse, mask=in_group)
+                if g >= 0:
+                    # the last split of (row, head) to finish merges: every thread's stores precede the
+                    # barrier, the acq_rel ticket publishes them and makes the others' visible to the last one
+                    tl.debug_barrier()
+                    counter = Counter + b * num_kv_heads + g_safe
+                    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                    if ticket == count - 1:
+                        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+                        _merge_splits(
+                            PartO, PartLse, Out, b, g_safe, tl.load(WorkStart + g_safe), count,
+                            stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+                            GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
+                        )  # fmt: skip
+        else:
+            tl.store(part_o, out, mask=in_group[:, None])
+            tl.store(part_lse, lse, mask=in_group)
 
     @triton.jit
     def _moa_decode_merge(
         PartO, PartLse, WorkStart, WorkCount, Out,
         stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
-        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+        GROUP: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
-        g = tl.program_id(0)
+        g = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_group = offs_g < GROUP
-        first = tl.load(WorkStart + g)
-        stop = first + tl.load(WorkCount + g)
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        for w in range(first, stop):  # log2-domain merge of the splits' (output, lse)
-            lse = tl.load(PartLse + b * stride_lb + w * stride_lw + offs_g, mask=in_group, other=float("-inf"))
-            o = tl.load(
-                PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :],
-                mask=in_group[:, None],
-                other=0.0,
-            )
-            m_new = tl.maximum(m_i, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            corr = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(lse - m_safe)
-            l_i = l_i * corr + p
-            acc = acc * corr[:, None] + p[:, None] * o
-            m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_ptrs = Out + b * stride_ob + (g * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
+        _merge_splits(
+            PartO, PartLse, Out, b, g, tl.load(WorkStart + g), tl.load(WorkCount + g),
+            stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+            GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
+        )  # fmt: skip
 
 
 def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: int = 8) -> int:
@@ -155,62 +204,102 @@ def decode_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: i
 _WORK_LISTS = TensorMemo()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _cached_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: int):
-    """decode_work_list, reused while this head_capacity tensor lives unchanged."""
+    """decode_work_list, reused while this head_capacity tensor lives unchanged.
+
+    Made inside a CUDA-graph capture, the list would hold values only once the graph replays: it is then
+    recomputed inside the graph and not kept (an eager call before the capture, the usual warm-up, keeps it).
+    """
     compute = lambda: decode_work_list(head_capacity, split_len, total_slots)  # noqa: E731
-    return _WORK_LISTS.get((head_capacity,), (split_len, total_slots), compute)
+    store = not _capturing(head_capacity.device)
+    return _WORK_LISTS.get((head_capacity,), (split_len, total_slots), compute, store=store)
 
 
-def _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_capacity, lo, q_pos, scale, sink):
-    # query: [B, Hq, 1, D]; cache_keys/values: [B, C + 1, D]; lo: [B, Hkv]
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 tickets, one per (row, kv head); the fused merge leaves them at zero after each call.
+
+    One buffer per device, shared by every call: calls on one stream run one after another. Decode calls
+    running at the same time on two streams of one device would share tickets (not supported).
+    """
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    if not _capturing(device):  # made in a capture, its zeros exist only in replays: keep it to that graph
+        _COUNTERS[device] = buf
+    return buf
+
+
+# d=128 bf16, by decode work (rows x cache slots) bucket. benchmarks/bench_attention.py --sweep times the candidates
+# per bucket on the GPU and prints this table filled with the winners (2026-11-24 H200 run: 64 / 4 / 4 / 8).
+DECODE_CONFIGS = [
+    (2**20, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
+    (2**24, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
+    (2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
+]
+_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
+
+
+def decode_config(bsz: int, total_slots: int) -> dict:
+    """Launch config of the first DECODE_CONFIGS bucket holding bsz * total_slots."""
+    work = bsz * total_slots
+    return next((cfg for limit, cfg in DECODE_CONFIGS if work <= limit), DECODE_CONFIGS[-1][1])
+
+
+def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config=None):
+    # query: [B, Hq, 1, D]; cache = (keys, values [B, C + 1, D], slot_pos [B, C + 1], head_offset, head_capacity)
+    cache_keys, cache_values, slot_pos, head_offset, head_capacity = cache
     bsz, num_q_heads, _, head_dim = query.shape
     num_kv_heads = head_capacity.numel()
     group = num_q_heads // num_kv_heads
     total_slots = cache_keys.shape[1] - 1
-    interpret = INTERPRETED
-    if interpret:
-        split_len = 32
-    else:
-        per_sm = DECODE_CONFIG["programs_per_sm"]
-        split_len = decode_split_len(bsz, total_slots, _num_sms(query.device), per_sm)
-    block_n = 16 if interpret else DECODE_CONFIG["BLOCK_N"]
-    head_offset = head_offset.to(device=query.device, dtype=torch.int32)
-    head_capacity = head_capacity.to(device=query.device, dtype=torch.int32)
+    if config is None:
+        config = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots)
+    split_len = config.get("split_len") or decode_split_len(
+        bsz, total_slots, _num_sms(query.device), config["programs_per_sm"]
+    )
     work_head, work_split, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
     num_items = work_head.numel()
-    block_g = max(16, triton.next_power_of_2(group))
     part_o = torch.empty(bsz, num_items, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_items, group, device=query.device, dtype=torch.float32)
+    out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
+    fused = bool(config["fused_merge"])
+    counters = _split_counters(query.device, bsz * num_kv_heads) if fused else part_lse  # unused when not fused
     q = query[:, :, 0]  # [B, Hq, D]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    slot_pos = slot_pos.to(torch.int32)
-    q_pos = q_pos.to(torch.int64).contiguous()
-    lo = lo.contiguous()
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    warps = 1 if interpret else DECODE_CONFIG["num_warps"]
-    stages = 1 if interpret else DECODE_CONFIG["num_stages"]
+    merge_g = triton.next_power_of_2(group)
+    merge_splits = config.get("merge_splits", 8)  # splits merged per step: [merge_splits, group, D] fp32 at once
+    part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     _moa_decode_split[(num_items, bsz)](
-        q, cache_keys, cache_values, slot_pos, head_offset, head_capacity, q_pos, lo, work_head, work_split,
-        part_o, part_lse,
+        q, cache_keys, cache_values, slot_pos, head_offset, head_capacity, q_pos, alpha, beta,
+        work_head, work_split, work_start, work_count, part_o, part_lse, counters, out,
         q.stride(0), q.stride(1), cache_keys.stride(0), cache_keys.stride(1),
-        cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0),
-        lo.stride(0), part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        scale * 1.4426950408889634,
-        GROUP=group, BLOCK_G=block_g, SINK=sink, HEAD_DIM=head_dim, BLOCK_N=block_n, SPLIT_LEN=split_len,
-        DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
+        cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0), q_pos.stride(0),
+        *part_strides, out.stride(0), out.stride(1),
+        num_kv_heads, scale * 1.4426950408889634,
+        GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span,
+        HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], SPLIT_LEN=split_len, BLOCK_S=merge_splits,
+        FUSED_MERGE=fused, DOT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
-    out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
-    _moa_decode_merge[(num_kv_heads, bsz)](
-        part_o, part_lse, work_start, work_count, out,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, num_warps=1 if interpret else 4,
-    )  # fmt: skip
+    if not fused:
+        _moa_decode_merge[(num_kv_heads, bsz)](
+            part_o, part_lse, work_start, work_count, out, *part_strides, out.stride(0), out.stride(1),
+            GROUP=group, MERGE_G=merge_g, HEAD_DIM=head_dim, BLOCK_S=merge_splits,
+            num_warps=1 if INTERPRETED else 4,
+        )  # fmt: skip
     return out
 
 
-# d=128 bf16: the winner of the H200 sweep in benchmarks/RESULTS.md (2026-11-24)
-DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8}
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
 
 
 def moa_decode(
@@ -220,29 +309,22 @@ def moa_decode(
     """MoA attention of one new token per row over its kv head's cache slots (token already written).
 
     query: [B, Hq, 1, D]; cache_keys/values: [B, C + 1, D]; slot_pos: [B, C + 1] int32 (-1 = empty);
-    head_offset/head_capacity: [Hkv]; q_pos: [B] int64; alpha/beta: [Hkv]. Returns [B, Hq, 1, D].
-    No host synchronisation on the Triton path (CUDA-graph capturable once compiled).
+    head_offset/head_capacity: [Hkv] (any int dtype); q_pos: [B] (any int dtype, any stride); alpha/beta: [Hkv]
+    (float64 on the device for the exact contract). Returns [B, Hq, 1, D]. On the Triton path a call is one
+    kernel launch (two without the fused merge): no torch op, no host synchronisation, CUDA-graph capturable
+    once compiled and warmed up eagerly (the warm-up caches the work list).
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if query.shape[1] % head_capacity.numel() != 0 or query.shape[2] != 1:
         raise ValueError(f"decode query shape {tuple(query.shape)} needs [B, k * Hkv, 1, D]: pass one token per row")
+    cache = (cache_keys, cache_values, slot_pos, head_offset, head_capacity)
     if not use_triton(query):
-        return moa_decode_ref(
-            query,
-            cache_keys,
-            cache_values,
-            slot_pos,
-            head_offset,
-            head_capacity,
-            q_pos,
-            alpha,
-            beta,
-            sink,
-            min_span,
-            scale,
-        )
-    lo = window_lo(q_pos, alpha, beta, sink, min_span)  # [B, Hkv]
-    return _launch_decode(query, cache_keys, cache_values, slot_pos, head_offset, head_capacity, lo, q_pos, scale, sink)
+        return moa_decode_ref(query, *cache, q_pos, alpha, beta, sink, min_span, scale)
+    if slot_pos.stride(-1) != 1 or cache_keys.stride(-1) != 1 or cache_values.stride(-1) != 1:
+        raise ValueError("decode cache tensors need a contiguous last dim: pass the MoaCacheLayer tensors as they are")
+    dev = query.device
+    cache = (cache_keys, cache_values, slot_pos, _on(head_offset, dev), _on(head_capacity, dev))
+    return _launch_decode(query, cache, q_pos, _on(alpha, dev), _on(beta, dev), scale, sink, min_span)
 
 
 def moa_decode_ref(

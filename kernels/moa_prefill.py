@@ -4,51 +4,33 @@ Each program owns one query block of one query head. It visits, in key-index spa
 (1) the old cache slots of its kv head (chunked prefill / multi-turn only), (2) the key blocks that
 hold sink positions, (3) the band from the lowest window edge of its queries to the diagonal.
 Visibility inside every visited tile is the contract's, element by element, with the window edge
-``lo = i - W(i + 1) + 1`` computed in torch by ``window_at`` (never re-derived here), so the result
-equals ``moa_attention_ref``. Tiles strictly inside the band skip the mask. GQA: query head h reads
+``lo = i - W(i + 1) + 1`` computed in the kernel by ``moa_window.window_edge`` (the contract's arithmetic,
+tested equal to ``window_at``) from the float64 alpha/beta of the head, so a launch needs no torch ops
+before it and the result equals ``moa_attention_ref``. Tiles strictly inside the band skip the mask. GQA: query head h reads
 kv head ``h // group`` directly; K/V are never repeated. Inputs bf16/fp16/fp32, fp32 accumulation.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from .moa_reference import moa_attention_ref
 from .moa_spans import window_at
 from .moa_tensor_cache import TensorMemo
+from .moa_window import BIG, INTERPRETED, window_lo  # noqa: F401 (window_lo: the torch reference, re-exported)
 
 try:
     import triton
     import triton.language as tl
 
+    from .moa_window import window_edge
+
     HAS_TRITON = True
-    _BIG_C = tl.constexpr(2**40)
+    _BIG_C = tl.constexpr(BIG)
 except ImportError:  # CPU-only installs fall back to the torch reference
     triton = None
     tl = None
     HAS_TRITON = False
-
-_BIG = 2**40  # "no window edge" for padding queries (positions are far below this)
-
-
-def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> torch.Tensor:
-    """First visible window position per (row, kv head, query): ``i - W(i + 1) + 1``; huge for padding.
-
-    q_pos: [B, L] int64 (or [B]); alpha/beta: [Hkv]. Returns [B, Hkv, L] (or [B, Hkv]) int64, on device,
-    without host synchronisation.
-    """
-    pos = q_pos.unsqueeze(1)  # [B, 1, L]
-    shape = (1, -1) + (1,) * (q_pos.dim() - 1)
-    a = alpha.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
-    b = beta.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
-    n = pos.clamp(min=0) + 1
-    return torch.where(pos >= 0, n - window_at(n, a, b, sink, min_span), _BIG)  # i - W + 1 == n - W
-
-
-# the interpreter is chosen when the kernels are defined (triton.jit reads TRITON_INTERPRET then)
-INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -94,7 +76,7 @@ if HAS_TRITON:
             ok = idx < stop
             kp = idx.to(tl.int64)
             if MASKED:
-                kp = tl.load(q_row + idx, mask=ok, other=-1)
+                kp = tl.load(q_row + idx, mask=ok, other=-1).to(tl.int64)
             k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
             v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
             acc, m_i, l_i = _attend_tile(
@@ -104,16 +86,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _moa_prefill_fwd(
-        Q, K, V, Out, QPos, WinLo,
+        Q, K, V, Out, QPos, Alpha, Beta,
         CacheK, CacheV, SlotPos, HeadOff, HeadCap,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
-        stride_pb, stride_wb, stride_wh,
-        stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+        stride_pb, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
         seq_len, num_q_heads, sm_scale_log2,
-        GROUP: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        GROUP: tl.constexpr, SINK: tl.constexpr, MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CACHE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
@@ -126,9 +107,12 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         in_seq = offs_m < seq_len
 
-        # query positions and window edges of this block; padding rows have qp < 0
-        qp = tl.load(QPos + b * stride_pb + offs_m, mask=in_seq, other=-1)
-        lo = tl.load(WinLo + b * stride_wb + g * stride_wh + offs_m, mask=in_seq, other=_BIG_C)
+        # query positions and window edges of this block (the contract, in float64); padding rows have qp < 0
+        q_row = QPos + b * stride_pb
+        qp = tl.load(q_row + offs_m, mask=in_seq, other=-1).to(tl.int64)
+        alpha = tl.load(Alpha + g).to(tl.float64)
+        beta = tl.load(Beta + g).to(tl.float64)
+        lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)  # [BLOCK_M], huge for padding
         q_ok = qp >= 0
         q = tl.load(
             Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_seq[:, None]
@@ -152,7 +136,7 @@ if HAS_TRITON:
                 )
 
         # positions of valid tokens are consecutive and end the row: index t holds position t + shift
-        last_pos = tl.load(QPos + b * stride_pb + seq_len - 1)
+        last_pos = tl.load(q_row + seq_len - 1).to(tl.int64)
         shift = last_pos - (seq_len - 1)
         lo_min = tl.min(tl.where(q_ok, lo, _BIG_C))
         lo_max = tl.max(tl.where(q_ok, lo, -1))
@@ -162,10 +146,9 @@ if HAS_TRITON:
         band_hi = tl.where(last_pos >= 0, row_end, 0)
         sink_end = tl.minimum(tl.maximum(SINK - shift, 0), band_lo)
         full_lo = lo_max - shift  # tiles at or after this index (and before the block) need no mask
-        kv_base_k = K + b * stride_kb + g * stride_kh
-        kv_base_v = V + b * stride_vb + g * stride_vh
+        k_base = K + b * stride_kb + g * stride_kh
+        v_base = V + b * stride_vb + g * stride_vh
 
-        q_row = QPos + b * stride_pb
         # three key ranges of the band, tiles aligned to BLOCK_N: [band_lo, inner_lo) left edge (masked),
         # [inner_lo, inner_hi) every key valid, in every query's window and before the block (no mask),
         # [inner_hi, band_hi) the diagonal (masked)
@@ -175,89 +158,21 @@ if HAS_TRITON:
         inner_lo = tl.where(inner_ok, inner_lo, band_hi)
         inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
         acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            kv_base_k,
-            kv_base_v,
-            q_row,
-            0,
-            sink_end,
-            qp,
-            lo,
-            stride_kn,
-            stride_vn,
-            sm_scale_log2,
-            SINK,
-            HEAD_DIM,
-            BLOCK_N,
-            True,
-            DOT_PRECISION,
-        )
+            acc, m_i, l_i, q, k_base, v_base, q_row, 0, sink_end, qp, lo, stride_kn, stride_vn, sm_scale_log2,
+            SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
         acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            kv_base_k,
-            kv_base_v,
-            q_row,
-            band_lo,
-            inner_lo,
-            qp,
-            lo,
-            stride_kn,
-            stride_vn,
-            sm_scale_log2,
-            SINK,
-            HEAD_DIM,
-            BLOCK_N,
-            True,
-            DOT_PRECISION,
-        )
+            acc, m_i, l_i, q, k_base, v_base, q_row, band_lo, inner_lo, qp, lo, stride_kn, stride_vn, sm_scale_log2,
+            SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
         acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            kv_base_k,
-            kv_base_v,
-            q_row,
-            inner_lo,
-            inner_hi,
-            qp,
-            lo,
-            stride_kn,
-            stride_vn,
-            sm_scale_log2,
-            SINK,
-            HEAD_DIM,
-            BLOCK_N,
-            False,
-            DOT_PRECISION,
-        )
+            acc, m_i, l_i, q, k_base, v_base, q_row, inner_lo, inner_hi, qp, lo, stride_kn, stride_vn, sm_scale_log2,
+            SINK, HEAD_DIM, BLOCK_N, False, DOT_PRECISION,
+        )  # fmt: skip
         acc, m_i, l_i = _attend_range(
-            acc,
-            m_i,
-            l_i,
-            q,
-            kv_base_k,
-            kv_base_v,
-            q_row,
-            inner_hi,
-            band_hi,
-            qp,
-            lo,
-            stride_kn,
-            stride_vn,
-            sm_scale_log2,
-            SINK,
-            HEAD_DIM,
-            BLOCK_N,
-            True,
-            DOT_PRECISION,
-        )
+            acc, m_i, l_i, q, k_base, v_base, q_row, inner_hi, band_hi, qp, lo, stride_kn, stride_vn, sm_scale_log2,
+            SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = tl.where(q_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -266,35 +181,42 @@ if HAS_TRITON:
 
 
 def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
-    """Block sizes: tiny tiles under the interpreter, FlashAttention-like tiles on Hopper by chunk length."""
+    """Launch config by chunk length: tiny tiles under the interpreter, else the first PREFILL_CONFIGS bucket that fits."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     for max_len, config in PREFILL_CONFIGS:
         if seq_len <= max_len:
-            return dict(config)
-    return dict(PREFILL_CONFIGS[-1][1])
+            return config
+    return PREFILL_CONFIGS[-1][1]
 
 
-# (longest chunk, launch config), d=128 bf16: the winners of the H200 sweep in benchmarks/RESULTS.md (2026-11-24)
+# (longest chunk, launch config), d=128 bf16, by length bucket. benchmarks/bench_attention.py --sweep times the
+# candidates per bucket on the GPU and prints this table filled with the winners (2026-11-24 H200 run: 64x64 / 4 / 3).
 PREFILL_CONFIGS = [
+    (2048, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
     (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
     (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
     (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
 ]
 
 
-def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int, config: dict | None = None):
-    # query: [B, Hq, L, D]; key/value: [B, Hkv, L, D]; lo: [B, Hkv, L]
+def _rule_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """alpha/beta as the kernel reads them (any float dtype, widened to float64 inside); no op when on device."""
+    return t if t.device == device else t.to(device)
+
+
+def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, sink: int, min_span: int,
+                    config: dict | None = None):  # fmt: skip
+    # query: [B, Hq, L, D]; key/value: [B, Hkv, L, D]; q_pos: [B, L]; alpha/beta: [Hkv]
     bsz, num_q_heads, seq_len, head_dim = query.shape
     group = num_q_heads // key.shape[1]
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    q_pos = q_pos.to(torch.int64).contiguous()
-    lo = lo.contiguous()
+    q_pos = q_pos if q_pos.stride(-1) == 1 else q_pos.contiguous()
+    alpha, beta = _rule_on(alpha, query.device), _rule_on(beta, query.device)
     out = torch.empty_like(query)
-    interpret = INTERPRETED
-    cfg = config or _prefill_config(head_dim, seq_len, interpret)
+    cfg = config or _prefill_config(head_dim, seq_len, INTERPRETED)
     if cache is None:
         cache_k, cache_v, slot_pos, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
         ck_strides = (0, 0, 0, 0, 0)
@@ -304,17 +226,16 @@ def _launch_prefill(query, key, value, q_pos, lo, cache, scale: float, sink: int
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
     _moa_prefill_fwd[grid](
-        query, key, value, out, q_pos, lo,
+        query, key, value, out, q_pos, alpha, beta,
         cache_k, cache_v, slot_pos, head_off, head_cap,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        q_pos.stride(0), lo.stride(0), lo.stride(1),
-        *ck_strides,
+        q_pos.stride(0), *ck_strides,
         seq_len, num_q_heads, scale * 1.4426950408889634,
-        GROUP=group, SINK=sink, HEAD_DIM=head_dim, HAS_CACHE=cache is not None, DOT_PRECISION=precision,
-        **cfg,
+        GROUP=group, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim, HAS_CACHE=cache is not None,
+        DOT_PRECISION=precision, **cfg,
     )  # fmt: skip
     return out
 
@@ -369,8 +290,7 @@ def moa_prefill(query, key, value, q_pos, alpha, beta, sink: int, min_span: int,
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
         )
-    lo = window_lo(q_pos, alpha, beta, sink, min_span)
-    return _launch_prefill(query, key, value, q_pos, lo, None, scale, sink)
+    return _launch_prefill(query, key, value, q_pos, alpha, beta, None, scale, sink, min_span)
 
 
 def moa_prefill_with_cache(
@@ -389,15 +309,14 @@ def moa_prefill_with_cache(
             query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
             alpha, beta, sink, min_span, scale,
         )  # fmt: skip
-    lo = window_lo(q_pos, alpha, beta, sink, min_span)
-    cache = (
+    cache = (  # each a no-op for the cache's own tensors (contiguous, on the device)
         cache_keys if cache_keys.stride(-1) == 1 else cache_keys.contiguous(),
         cache_values if cache_values.stride(-1) == 1 else cache_values.contiguous(),
-        slot_pos.to(torch.int32).contiguous(),
-        head_offset.to(device=query.device, dtype=torch.int32),
-        head_capacity.to(device=query.device, dtype=torch.int32),
+        slot_pos if slot_pos.stride(-1) == 1 else slot_pos.contiguous(),
+        _rule_on(head_offset, query.device),
+        _rule_on(head_capacity, query.device),
     )
-    return _launch_prefill(query, key, value, q_pos, lo, cache, scale, sink)
+    return _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale, sink, min_span)
 
 
 def gather_head_slots(cache_keys, cache_values, slot_pos, head_offset, head_capacity):

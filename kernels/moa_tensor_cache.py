@@ -22,10 +22,13 @@ class TensorMemo:
     def __init__(self) -> None:
         self._entries: dict = {}
 
-    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute):
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute, store: bool = True):
+        """The memoised compute(); with store=False a missing entry is computed and not kept."""
         ids = tuple(id(t) for t in tensors)
         key = (ids, tuple(_version(t) for t in tensors), extra)
         if key not in self._entries:
+            if not store:
+                return compute()
             self._entries[key] = compute()
             for tensor in tensors:
                 weakref.finalize(tensor, self._drop, id(tensor))

@@ -297,3 +297,95 @@ def test_tensor_memo_never_serves_a_freed_tensors_result():
     with torch.inference_mode():  # inference tensors have no version counter
         t = torch.arange(3)
         assert memo.get((t,), ("x",), lambda: 7) == 7
+
+
+def decode_setup(plan: dict, lengths: list[int], dtype=torch.float32, head_dim: int = 16):
+    alpha, beta = plan_tensors(plan)
+    keys = torch.randn(len(lengths), plan["hkv"], max(lengths), head_dim, device=DEVICE, dtype=dtype)
+    values = torch.randn_like(keys)
+    caps = cache_caps(plan, max(lengths), extra=[3, 0, 1, 2][: plan["hkv"]])
+    cache = build_cache(keys, values, lengths, caps, plan["sink"])
+    query = torch.randn(len(lengths), plan["hq"], 1, head_dim, device=DEVICE, dtype=dtype)
+    return query, cache, (alpha.double(), beta.double(), plan["sink"], plan["min_span"])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_merge_variants_and_repeated_calls(fused):
+    """Fused (last split merges, tickets reset) and separate merge agree with the reference, call after call;
+    int64 head tensors and a strided q_pos (a column of [B, 2]) are read as they are."""
+    plan = PLANS["gqa_sink5"]
+    lengths = [150, 9, 97, 33]  # 150 slots: 5 splits of 32 under the interpreter; 9 < min_span; 33 straddles 32
+    query, cache, rule = decode_setup(plan, lengths)
+    cache = (*cache[:3], cache[3].to(torch.int64), cache[4].to(torch.int64))
+    q_pos = torch.stack([torch.tensor(lengths, device=DEVICE) - 1, torch.zeros(4, device=DEVICE, dtype=torch.long)], 1)
+    config = dict(decode._INTERPRETER_CONFIG, fused_merge=fused) if INTERPRET else dict(decode.decode_config(4, 300),
+                                                                                        fused_merge=fused)  # fmt: skip
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
+    for _ in range(3):
+        out = decode._launch_decode(query, cache, q_pos[:, 0], *rule[:2], 16**-0.5, *rule[2:], config=config)
+        assert rel_err(out, ref64) < 1e-5
+    if fused:
+        assert int(decode._split_counters(query.device, 1).abs().sum()) == 0  # every ticket back at zero
+
+
+@needs_interpreter
+def test_decode_and_prefill_launch_no_torch_ops(monkeypatch):
+    """After a warm-up call, a decode or prefill call dispatches no torch kernel: allocations and views only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    allowed = {"empty.memory_format", "select.int", "slice.Tensor", "empty_like.default", "alias.default"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket.__name__) + "." + func._overloadname)
+            return func(*args, **(kwargs or {}))
+
+    class Launch:  # stands in for the Triton kernels: the interpreter itself runs torch ops on CPU tensors
+        def __init__(self):
+            self.calls = 0
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: setattr(self, "calls", self.calls + 1)
+
+    plan = PLANS["gqa_sink0"]
+    query, cache, rule = decode_setup(plan, [40, 70])
+    q_pos = torch.tensor([39, 69], device=DEVICE)
+    decode.moa_decode(query, *cache, q_pos, *rule)  # warm-up: builds the work list and the tickets
+    pq = torch.randn(2, plan["hq"], 33, 16, device=DEVICE)
+    pk, pv = (torch.randn(2, plan["hkv"], 33, 16, device=DEVICE) for _ in range(2))
+    p_pos = chunk_positions([33, 20], 33, [0, 5])
+    prefill.moa_prefill(pq, pk, pv, p_pos, *rule)  # warm-up: on CUDA, the plan's dense length (memoised)
+    for module, name in ((decode, "_moa_decode_split"), (prefill, "_moa_prefill_fwd")):
+        monkeypatch.setattr(module, name, Launch())
+    with Ops() as ops:
+        decode.moa_decode(query, *cache, q_pos, *rule)
+        prefill.moa_prefill(pq, pk, pv, p_pos, *rule)
+    assert decode._moa_decode_split.calls == 1 and prefill._moa_prefill_fwd.calls == 1
+    assert ops.seen <= allowed, f"torch ops per call: {sorted(ops.seen - allowed)}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_decode_many_splits_graph_replays(fused):
+    """Dozens of splits per head race to merge: 20 graph replays with fresh queries all match float64."""
+    plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
+    lengths = [6000, 3001, 5999, 7]  # the long heads get ~40 splits of 128 slots
+    query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, 128)
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    config = dict(decode.decode_config(len(lengths), cache[0].shape[1] - 1), fused_merge=fused)
+    call = lambda: decode._launch_decode(query, cache, q_pos, *rule[:2], 128**-0.5, *rule[2:], config=config)  # noqa: E731
+    call()  # compile and cache the work list before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(20):
+        query.copy_(torch.randn_like(query))
+        graph.replay()
+        ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+        assert rel_err(out, ref64) < 1e-2

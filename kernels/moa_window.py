@@ -1,0 +1,68 @@
+"""The window edge of the contract for the kernels: a torch reference and its one Triton twin.
+
+For a query at position ``i`` (``n = i + 1``) of a head with rule (alpha, beta), the first visible
+window position is ``lo = i - W(n) + 1 = n - S(n) + sink`` (``moa_spans.window_at``); padding queries
+(``i < 0``) get a huge edge so that only nothing is visible. ``window_lo`` computes it in torch from
+``window_at``. ``window_edge`` is the same arithmetic inside a Triton kernel, so that a decode step or a
+prefill launch needs no torch ops before it: float64 throughout, and the product ``beta * n`` and the sum
+``alpha + beta * n`` each rounded on their own, exactly as torch does them (two separate kernels). A
+fused multiply-add would round once and could move ``floor`` by one at an integer edge, so the compiled
+kernel uses libdevice's explicitly rounded ``mul_rn`` / ``add_rn``, which the compiler never contracts.
+tests/test_kernels.py checks ``window_edge`` equal to ``window_at`` on floor edges, min_span and sink edges.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .moa_spans import window_at
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice  # mul_rn / add_rn (used only when compiled)
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs fall back to the torch reference
+    triton = None
+    tl = None
+    libdevice = None
+    HAS_TRITON = False
+
+BIG = 2**40  # "no window edge" for padding queries (positions are far below this)
+
+# the interpreter is chosen when the kernels are defined (triton.jit reads TRITON_INTERPRET then)
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> torch.Tensor:
+    """First visible window position per (row, kv head, query): ``i - W(i + 1) + 1``; huge for padding.
+
+    q_pos: [B, L] int64 (or [B]); alpha/beta: [Hkv]. Returns [B, Hkv, L] (or [B, Hkv]) int64, on device,
+    without host synchronisation. The torch reference of ``window_edge``.
+    """
+    pos = q_pos.unsqueeze(1)  # [B, 1, L]
+    shape = (1, -1) + (1,) * (q_pos.dim() - 1)
+    a = alpha.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
+    b = beta.to(device=q_pos.device, dtype=torch.float64).reshape(shape)
+    n = pos.clamp(min=0) + 1
+    return torch.where(pos >= 0, n - window_at(n, a, b, sink, min_span), BIG)  # i - W + 1 == n - W
+
+
+if HAS_TRITON:
+    _BIG_C = tl.constexpr(BIG)
+    _ROUND_EACH = tl.constexpr(not INTERPRETED)  # the interpreter (numpy) never fuses: plain ops are exact there
+
+    @triton.jit
+    def window_edge(pos, alpha, beta, SINK: tl.constexpr, MIN_SPAN: tl.constexpr):
+        """``window_lo`` in a kernel: pos int tensor (any shape), alpha/beta float64 scalars or broadcastable."""
+        n = tl.maximum(pos.to(tl.int64), 0) + 1
+        n_f = n.to(tl.float64)
+        if _ROUND_EACH:
+            raw = libdevice.add_rn(alpha, libdevice.mul_rn(beta, n_f))  # torch: beta * n, then alpha + (.)
+        else:
+            raw = alpha + beta * n_f
+        span = tl.minimum(n_f, tl.maximum(tl.floor(raw), MIN_SPAN * 1.0))  # S(n), exact in float64
+        return tl.where(pos >= 0, n - span.to(tl.int64) + SINK, _BIG_C)  # n - (S - sink)
