@@ -73,6 +73,46 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
 
     @triton.jit
+    def _visible_part(first, stop, head_first, head_end, qp, lo, SINK: tl.constexpr):
+        """Narrow the split [first, stop) to the slots that can hold visible keys (the cache layout:
+        position p < SINK at head_first + p, later ones in a ring of cap - SINK slots, which holds the window).
+
+        Keys visible to the query at qp: the sink slots and the window positions [max(lo, SINK), qp], which
+        sit on one arc of the ring (two slot intervals when it wraps). Slots outside them are empty, evicted
+        or out of the window: a static cache sized for a longer generation and a growing cache's slack are
+        never read. The result is the bounding range of the visible slots inside the split (a gap inside
+        it is still read and masked), so correctness never depends on it.
+        """
+        ring = tl.maximum(head_end - head_first - SINK, 1)
+        s0 = first - head_first
+        s1 = stop - head_first
+        big = 2**62
+        # sink: [0, min(SINK, qp + 1))
+        i_lo = tl.maximum(s0, 0)
+        i_hi = tl.minimum(s1, tl.minimum(SINK, qp + 1))
+        lo_rel = tl.where(i_lo < i_hi, i_lo, big)
+        hi_rel = tl.where(i_lo < i_hi, i_hi, 0)
+        w_lo = tl.maximum(lo, SINK)
+        if qp >= w_lo:
+            a = (w_lo - SINK) % ring
+            e = (qp - SINK) % ring
+            wraps = a > e
+            # the arc's end part [SINK + a, SINK + (e if not wraps else ring - 1)] ...
+            j_lo = tl.maximum(s0, SINK + a)
+            j_hi = tl.minimum(s1, SINK + tl.where(wraps, ring, e + 1))
+            lo_rel = tl.where(j_lo < j_hi, tl.minimum(lo_rel, j_lo), lo_rel)
+            hi_rel = tl.where(j_lo < j_hi, tl.maximum(hi_rel, j_hi), hi_rel)
+            # ... and, when it wraps, its start [SINK, SINK + e]
+            k_lo = tl.maximum(s0, SINK)
+            k_hi = tl.minimum(s1, SINK + e + 1)
+            use = wraps & (k_lo < k_hi)
+            lo_rel = tl.where(use, tl.minimum(lo_rel, k_lo), lo_rel)
+            hi_rel = tl.where(use, tl.maximum(hi_rel, k_hi), hi_rel)
+        new_first = head_first + tl.where(lo_rel < hi_rel, lo_rel, s0)
+        new_stop = head_first + tl.where(lo_rel < hi_rel, hi_rel, s0)
+        return new_first, tl.where(stop > first, new_stop, new_first)
+
+    @triton.jit
     def _moa_decode_split(
         Q, CacheK, CacheV, SlotPos, HeadOff, HeadCap, QPos, Alpha, Beta,
         WorkHead, WorkSplit, WorkStart, WorkCount, PartO, PartLse, Counter, Out,
@@ -101,6 +141,7 @@ if HAS_TRITON:
         qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
         lo = window_edge(qp, tl.load(Alpha + g_safe).to(tl.float64), tl.load(Beta + g_safe).to(tl.float64),
                          SINK, MIN_SPAN)  # fmt: skip
+        first, stop = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
         # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
         q_ptrs = Q + b * stride_qb + (g_safe * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)

@@ -206,6 +206,26 @@ def test_decode_matches_reference(name, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_decode_reads_only_the_visible_arc_of_roomy_rings(name):
+    """Rings much longer than the window (a static cache sized for later, a grown cache's slack): rows whose
+    window arc wraps, does not wrap, starts in the sink, or has no window yet, give the reference result."""
+    plan = PLANS[name]
+    alpha, beta = plan_tensors(plan)
+    lengths, head_dim = [150, 61, 3, 97, 118], 16
+    keys = torch.randn(len(lengths), plan["hkv"], max(lengths), head_dim, device=DEVICE)
+    values = torch.randn_like(keys)
+    caps = cache_caps(plan, 3 * max(lengths) // 2, extra=[7, 0, 3, 11][: plan["hkv"]])
+    cache = build_cache(keys, values, lengths, caps, plan["sink"])
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    query = torch.randn(len(lengths), plan["hq"], 1, head_dim, device=DEVICE)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    out = decode.moa_decode(query, *cache, q_pos, *rule)
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    assert rel_err(out, ref64) < 1e-5
+
+
+@needs_interpreter
 def test_kernels_run_triton_not_the_reference():
     probe = torch.zeros(1, device=DEVICE)
     assert prefill.use_triton(probe), "the Triton path is off: these tests would compare the reference with itself"
