@@ -411,21 +411,24 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters()) - embed.numel() * embed.element_size()
     log(json.dumps(dict(copy_GBps=round(copy_gbps, 1), weight_GB_read_per_step=round(weight_bytes / 1e9, 2))))
     result = dict(decode=[], memory=[], prefill=[])
-    for case in args.contexts.split(","):
-        context, new = (int(x) for x in case.split("+"))
-        result["decode"] += run_context(dense, moa, context, new, args, copy_gbps, weight_bytes)
-    if args.memory:
-        context, bsz, new = (int(x) for x in args.memory.split(":"))
-        result["memory"] = memory_case(dense, moa, context, bsz, new, chunk=min(4096, context))
-    if args.prefill_lengths:
-        result["prefill"] = prefill_latency(dense, moa, [int(x) for x in args.prefill_lengths.split(",")])
     result["meta"] = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=args.model,
         gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
         transformers=transformers.__version__, copy_GBps=round(copy_gbps, 1), weight_bytes=weight_bytes,
         args={k: str(v) for k, v in vars(args).items()},
     )  # fmt: skip
-    (args.out / "e2e.json").write_text(json.dumps(result, indent=2))
+    save = lambda: (args.out / "e2e.json").write_text(json.dumps(result, indent=2))  # noqa: E731
+    for case in args.contexts.split(","):  # saved after every stage: a time-out keeps what was measured
+        context, new = (int(x) for x in case.split("+"))
+        result["decode"] += run_context(dense, moa, context, new, args, copy_gbps, weight_bytes)
+        save()
+    if args.memory:
+        context, bsz, new = (int(x) for x in args.memory.split(":"))
+        result["memory"] = memory_case(dense, moa, context, bsz, new, chunk=min(4096, context))
+        save()
+    if args.prefill_lengths:
+        result["prefill"] = prefill_latency(dense, moa, [int(x) for x in args.prefill_lengths.split(",")])
+        save()
     print_tables(result)
 
 

@@ -279,11 +279,20 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 
 
 # d=128 bf16, by decode work (rows x cache slots) bucket. benchmarks/bench_attention.py --sweep times the candidates
-# per bucket on the GPU and prints this table filled with the winners (2026-11-24 H200 run: 64 / 4 / 4 / 8).
+# per bucket on the GPU and prints this table filled with the winners (H200 sweep of 2026-11-24 16:42 UTC, `--quick`).
 DECODE_CONFIGS = [
-    (2**20, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
-    (2**24, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
-    (2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True}),
+    (
+        2**20,
+        {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4, "programs_per_sm": 16, "fused_merge": True, "merge_splits": 8},
+    ),
+    (
+        2**24,
+        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True, "merge_splits": 16},
+    ),
+    (
+        2**62,
+        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True, "merge_splits": 16},
+    ),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
 

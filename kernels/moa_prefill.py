@@ -193,10 +193,10 @@ def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
 
 
 # (longest chunk, launch config), d=128 bf16, by length bucket. benchmarks/bench_attention.py --sweep times the
-# candidates per bucket on the GPU and prints this table filled with the winners (2026-11-24 H200 run: 64x64 / 4 / 3).
+# candidates per bucket on the GPU and prints this table filled with the winners (H200 sweep of 2026-11-24 16:42 UTC, `--quick`).
 PREFILL_CONFIGS = [
-    (2048, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
-    (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    (2048, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
+    (8192, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
     (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
     (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
 ]
