@@ -155,7 +155,8 @@ def static_from(model, dyn, bsz: int, max_len: int) -> StaticCache:
     for src, dst in zip(dyn.layers, cache.layers, strict=True):
         length = src.keys.shape[2]
         shape = (bsz, *src.keys.shape[1:2], 1, src.keys.shape[-1])
-        dst.lazy_initialization(src.keys.new_empty(shape), src.values.new_empty(shape))
+        probe = torch.empty(shape, dtype=src.keys.dtype, device=DEV)  # src lives on the host (to_host)
+        dst.lazy_initialization(probe, probe)
         for row in range(bsz):  # src is on the host (to_host)
             dst.keys[row, :, :length].copy_(src.keys[0])
             dst.values[row, :, :length].copy_(src.values[0])
