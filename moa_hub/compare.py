@@ -19,6 +19,7 @@ from .plan import MoaPlan, uniform_like
 logger = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "passkey", "ppl")
+EFFECTIVE_THRESHOLD = 0.9  # effective context length: longest evaluated length with retrieval >= this
 METHODS = ("moa", "dense", "uniform")
 
 
@@ -48,6 +49,7 @@ class EvalReport:
     lengths: list[int]
     density: dict[int, float]
     scores: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    effective_length: dict[str, int] = field(default_factory=dict)  # method -> tokens (0: none)
 
     def save(self, path: Path) -> Path:
         Path(path).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
@@ -84,10 +86,23 @@ def run_eval(config: EvalConfig) -> EvalReport:
             model = dense if method == "dense" else twin
             for task, score in _score(model, tokenizer, length, config).items():
                 report.scores[method][task][length] = score
+    if "retrieval" in config.tasks:
+        report.effective_length = {m: effective_length(report.scores[m]["retrieval"]) for m in report.scores}
     out = config.output or Path(config.model) / "eval.json"
     report.save(out)
     logger.info("evaluation written to %s", out)
     return report
+
+
+def effective_length(accuracy: dict[int, float], threshold: float = EFFECTIVE_THRESHOLD) -> int:
+    """The longest evaluated length up to which retrieval stays >= ``threshold`` at every evaluated length
+    (0 when the shortest one already falls below)."""
+    best = 0
+    for length in sorted(accuracy):
+        if accuracy[length] < threshold:
+            break
+        best = length
+    return best
 
 
 def _score(model, tokenizer, length: int, config: EvalConfig) -> dict[str, float]:
@@ -113,6 +128,9 @@ def report_rows(report: EvalReport) -> list[list[str]]:
         for n in report.lengths:
             cells = [f"{report.scores[m][task][n]:.3f}" for m in methods]
             rows.append([task, str(n), f"{report.density[n]:.3f}", *cells])
+    if report.effective_length:
+        cells = [str(report.effective_length[m]) for m in methods]
+        rows.append([f"effective length (retrieval >= {EFFECTIVE_THRESHOLD})", "-", "-", *cells])
     return rows
 
 
@@ -120,4 +138,7 @@ def card_entries(report: EvalReport) -> dict[str, str]:
     """The card's evaluation table: one line per task and length, methods side by side."""
     rows = report_rows(report)
     header = " / ".join(rows[0][3:])
-    return {f"{task} @ {n} tokens ({header})": " / ".join(cells) for task, n, _, *cells in rows[1:]}
+    return {
+        (f"{task} @ {n} tokens ({header})" if n != "-" else f"{task} ({header})"): " / ".join(cells)
+        for task, n, _, *cells in rows[1:]
+    }

@@ -48,6 +48,7 @@ class OptimizeConfig:
     block_size: int = 64  # only for in-memory arrays; files carry their own
     time_limit_s: float = 120.0  # per MILP
     mip_rel_gap: float = 5e-3  # relative to the loss the budget adds over every head's best rule
+    extrapolate: bool = True  # also minimise the loss at extend_length, scaled from the longest profile
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -78,9 +79,22 @@ def build_loss_table(profiles: dict[int, InfluenceProfile], config: OptimizeConf
     for n in lengths:
         fraction = masked_fraction(rules, n, profiles[n].block_size)  # once per rule and length
         loss[n] = rule_losses(profiles[n].influence, fraction)
+    if config.extrapolate and config.extend_length and config.extend_length > lengths[-1]:
+        loss[config.extend_length] = extrapolated_losses(profiles[lengths[-1]], rules, config.extend_length)
     layers, groups = profiles[lengths[0]].influence.shape[:2]
     logger.info("search space: %d distinct rules, %d heads, lengths %s", len(rules), layers * groups, density_lengths)
     return LossTable(rules, loss, density_lengths, layers, groups)
+
+
+def extrapolated_losses(profile: InfluenceProfile, rules: RuleSet, length: int) -> np.ndarray:
+    """Loss [H, R] of each rule at an unprofiled ``length`` > ``profile.length``, assuming each head's
+    influence keeps its shape over *relative* position: rule (alpha, beta) at ``length`` costs what
+    (alpha * c, beta), c = profile.length / length, costs at the profiled length (the same share of
+    every query's context masked, up to the absolute sink and min_span)."""
+    scale = profile.length / length
+    scaled = RuleSet(rules.alpha * scale, rules.beta, rules.sink, rules.min_span, spans={})
+    fraction = masked_fraction(scaled, profile.length, profile.block_size)
+    return rule_losses(profile.influence, fraction)
 
 
 def smallest_density(rules: RuleSet, lengths: list[int]) -> tuple[float, int]:

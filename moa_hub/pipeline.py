@@ -42,6 +42,8 @@ class ConvertConfig:
     calibration: str = "builtin"
     num_samples: int = 4
     block_size: int = 64
+    importance: str = "measured"  # measured | gradient (see moa_hub/sensitivity.py)
+    temperature: float = 1.0  # profiling loss: cross-entropy of logits / temperature
     sink: int = 64
     min_span: int = 128
     device: str = "auto"
@@ -61,6 +63,10 @@ class ConvertConfig:
                 f"--profile-lengths {list(self.profile_lengths)} must each exceed min_span={self.min_span}: "
                 "pass longer lengths (e.g. 2048 4096 8192)"
             )
+        if self.importance not in ("measured", "gradient"):
+            raise MoaHubError(f"--importance {self.importance!r} must be measured or gradient")
+        if not self.temperature > 0:
+            raise MoaHubError(f"--temperature {self.temperature} must be > 0 (1 = the plain answer loss)")
         if self.extend_length is not None and self.extend_length <= max(self.profile_lengths):
             raise MoaHubError(
                 f"--extend-length {self.extend_length} must be longer than the profile lengths "
@@ -99,7 +105,15 @@ def convert(config: ConvertConfig) -> ConvertResult:
         source=config.calibration, lengths=(*lengths, config.validation_length), items_per_length=config.num_samples
     )
     items = by_length(build_calibration(model, tokenizer, calibration, work / "calibration"))
-    profile_config = ProfileConfig(lengths=lengths, block_size=config.block_size, model_name=_model_name(resolved))
+    profile_config = ProfileConfig(
+        lengths=lengths,
+        block_size=config.block_size,
+        model_name=_model_name(resolved),
+        temperature=config.temperature,
+        importance=config.importance,
+        sink=config.sink,
+        min_span=config.min_span,
+    )
     profile_model(model, items, profile_config, work / "profile")
     candidates = optimize_stage(config, work)
     validation = validate_stage(model, candidates, items.get(config.validation_length, []), config, work)
@@ -131,6 +145,11 @@ def load_dense(path: Path, device: str, dtype: str):
 
 def optimize_stage(config: ConvertConfig, work: Path) -> list[MoaPlan]:
     path = work / "pareto.json"
+    newest = max((p.stat().st_mtime for p in (work / "profile").glob("profile_*.safetensors")), default=0.0)
+    if path.exists() and path.stat().st_mtime < newest:  # e.g. the profile gained measured importance
+        logger.info("optimize: the profile is newer than %s; searching again", path)
+        path.unlink()
+        (work / "validation.json").unlink(missing_ok=True)
     if not path.exists():
         opt = OptimizeConfig(
             density=config.density,
@@ -174,7 +193,11 @@ def final_plan(
         calibration={"source": calibration.source, "items_per_length": calibration.items_per_length},
         profile_lengths=list(config.profile_lengths),
         density_bounds={n: config.density for n in lengths},
-        extra={"validation": summary, "command": config.command},
+        extra={
+            "profile": {"importance": config.importance, "temperature": config.temperature},
+            "validation": summary,
+            "command": config.command,
+        },
     )
     return replace(plan, provenance=provenance).with_density(lengths)
 

@@ -41,6 +41,9 @@ class CalibrationItem:
     answer_start: int
 
 
+IMPORTANCE = ("measured", "gradient")
+
+
 @dataclass
 class ProfileConfig:
     lengths: tuple[int, ...] = (2048, 4096, 8192)
@@ -49,6 +52,10 @@ class ProfileConfig:
     save_every: int = 8  # items per rank between partial saves
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (needed for long N)
     backend: str = "auto"  # influence kernel: auto (triton on CUDA) | torch | triton
+    temperature: float = 1.0  # profiling loss: cross-entropy of logits / temperature on the answer tokens
+    importance: str = "measured"  # gradient: the first-order profile | measured: scaled per head (sensitivity.py)
+    sink: int = 64  # the measured rule (importance=measured): sink + a window of min_span - sink tokens
+    min_span: int = 128
 
     def __post_init__(self) -> None:
         self.lengths = tuple(int(n) for n in self.lengths)
@@ -60,6 +67,12 @@ class ProfileConfig:
             raise ProfileError(f"save_every={self.save_every} must be >= 1")
         if self.backend not in ("auto", "torch", "triton"):
             raise ProfileError(f"backend={self.backend!r} must be one of auto, torch, triton")
+        if self.importance not in IMPORTANCE:
+            raise ProfileError(f"importance={self.importance!r} must be one of {', '.join(IMPORTANCE)}")
+        if not 0 <= self.sink < self.min_span:
+            raise ProfileError(f"need 0 <= sink < min_span, got sink={self.sink}, min_span={self.min_span}")
+        if not self.temperature > 0:
+            raise ProfileError(f"temperature={self.temperature} must be > 0 (1 = the plain answer loss)")
 
 
 def profile_path(work_dir: Path, length: int) -> Path:
@@ -81,16 +94,46 @@ def profile_model(
     todo = [n for n in config.lengths if not _reuse(profile_path(work_dir, n), config)]
     for length in config.lengths:
         paths[length] = profile_path(work_dir, length)
-    if not todo:
-        return paths
-    key = remote_module("moa_influence").register_profiled_attention()
-    with profiling_mode(model, key, config.gradient_checkpointing):
-        for length in todo:
-            items = [_as_item(it, length) for it in items_by_length.get(length, [])]
-            if not items:
-                raise ProfileError(f"no calibration items for profile length {length}: build calibration for it")
-            _profile_length(model, items, length, config, work_dir, ranks)
+    if todo:
+        key = remote_module("moa_influence").register_profiled_attention()
+        with profiling_mode(model, key, config.gradient_checkpointing):
+            for length in todo:
+                _profile_length(model, _items(items_by_length, length), length, config, work_dir, ranks)
+    if config.importance == "measured":
+        for length in config.lengths:
+            if read_metadata(paths[length]).get("importance") != "measured":
+                _measure_length(model, _items(items_by_length, length), length, config, paths[length], ranks)
     return paths
+
+
+def _items(items_by_length: dict[int, list[Any]], length: int) -> list[CalibrationItem]:
+    items = [_as_item(it, length) for it in items_by_length.get(length, [])]
+    if not items:
+        raise ProfileError(f"no calibration items for profile length {length}: build calibration for it")
+    return items
+
+
+def _measure_length(model, items, length: int, config: ProfileConfig, path: Path, ranks: Ranks) -> None:
+    """Measure each kv head made local and rewrite ``path`` with the calibrated influence (sensitivity.py)."""
+    from .sensitivity import calibrate_influence, measure_head_sensitivity
+
+    delta, dense_loss = measure_head_sensitivity(
+        model, items, config.sink, config.min_span, desc=f"measure heads @ {length}", ranks=ranks
+    )
+    gradient, meta = load_profile(path)  # E (= -loss of masking)
+    calibrated = calibrate_influence(-gradient.numpy(), delta, length, config.block_size, config.sink, config.min_span)
+    logger.info("profile length %d: measured head sensitivity, max %.4f (dense answer loss %.4f)",
+                length, float(delta.max()), dense_loss)  # fmt: skip
+    if ranks.rank == 0:
+        tensors = {
+            "influence": -torch.from_numpy(calibrated),
+            "gradient_influence": gradient,
+            "measured_loss": torch.from_numpy(delta.astype("float32")),
+        }
+        meta = {**meta, "importance": "measured", "measured_sink": str(config.sink)}
+        meta.update(measured_min_span=str(config.min_span), dense_answer_loss=f"{dense_loss:.6g}")
+        _write(path, tensors, meta)
+    ranks.barrier()
 
 
 def _reuse(path: Path, config: ProfileConfig) -> bool:
@@ -100,6 +143,19 @@ def _reuse(path: Path, config: ProfileConfig) -> bool:
     if int(meta.get("block_size", -1)) != config.block_size:
         raise ProfileError(
             f"{path} was profiled with block_size={meta.get('block_size')}, not {config.block_size}: delete it to re-profile"
+        )
+    if float(meta.get("temperature", "1.0")) != config.temperature:
+        raise ProfileError(
+            f"{path} was profiled with temperature={meta.get('temperature', '1.0')}, not {config.temperature}: "
+            "delete it to re-profile"
+        )
+    measured = meta.get("importance") == "measured"
+    same_rule = (meta.get("measured_sink"), meta.get("measured_min_span")) == (str(config.sink), str(config.min_span))
+    if measured and (config.importance != "measured" or not same_rule):
+        raise ProfileError(
+            f"{path} holds measured importance (sink {meta.get('measured_sink')}, min_span "
+            f"{meta.get('measured_min_span')}); this run asks importance={config.importance!r} with sink "
+            f"{config.sink}, min_span {config.min_span}: delete it to re-profile"
         )
     logger.info("profile length %s: reusing %s", meta.get("length"), path)
     return True
@@ -140,7 +196,7 @@ def _profile_length(model, items, length, config, work_dir, ranks) -> Path:
         stop = min(start + round_size, len(items))
         store.reset()
         for index in range(start + ranks.rank, stop, ranks.world):
-            _backward_one(model, items[index], store)
+            _backward_one(model, items[index], store, config.temperature)
         round_sum = _stack(store, shape).to(ranks.device)
         ranks.all_reduce(round_sum)
         total += round_sum.cpu()
@@ -156,8 +212,8 @@ def _profile_length(model, items, length, config, work_dir, ranks) -> Path:
     return profile_path(work_dir, length)
 
 
-def _backward_one(model, item: CalibrationItem, store) -> None:
-    """Forward + backward of one item; the loss is the mean cross-entropy on the answer tokens."""
+def _backward_one(model, item: CalibrationItem, store, temperature: float = 1.0) -> None:
+    """Forward + backward of one item; the loss is the mean cross-entropy of logits / temperature on the answer."""
     embed = model.get_input_embeddings()
     ids = torch.tensor([item.input_ids], device=embed.weight.device)
     embeds = embed(ids).detach().requires_grad_(True)  # gradients w.r.t. activations only
@@ -166,7 +222,7 @@ def _backward_one(model, item: CalibrationItem, store) -> None:
     kwargs = {remote_module("moa_influence").STORE_KWARG: store}
     logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=num_answer + 1, **kwargs).logits
     targets = ids[0, item.answer_start :].to(logits.device)
-    loss = F.cross_entropy(logits[0, :-1].float(), targets)
+    loss = F.cross_entropy(logits[0, :-1].float() / temperature, targets)
     loss.backward()
 
 
@@ -187,6 +243,7 @@ def _load_partial(path: Path, shape, num_items: int, config: ProfileConfig) -> t
         return torch.zeros(shape, dtype=torch.float32), 0
     total, meta = load_profile(path)
     same = tuple(total.shape) == shape and int(meta["num_items"]) == num_items
+    same = same and float(meta.get("temperature", "1.0")) == config.temperature
     if not same or int(meta["block_size"]) != config.block_size:
         logger.warning("ignoring %s: it was made for other calibration or settings", path)
         return torch.zeros(shape, dtype=torch.float32), 0
@@ -202,9 +259,15 @@ def _save(path: Path, total: torch.Tensor, length: int, config, model, done: int
         "items_done": str(done),
         "model": config.model_name or str(getattr(model, "name_or_path", "") or "unknown"),
         "format": "moa-hub-profile-v1",
+        "temperature": str(config.temperature),
+        "importance": "gradient",
     }
+    _write(path, {"influence": total}, meta)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"influence": total.contiguous()}, str(tmp), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
 
 

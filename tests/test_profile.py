@@ -77,7 +77,11 @@ def test_profile_matches_autograd_formula_float64(tmp_path, checkpointing):
     model = tiny_llama()
     items = random_items([37, 50], seed=1)
     config = ProfileConfig(
-        lengths=(50,), block_size=BLOCK, model_name="tiny@test", gradient_checkpointing=checkpointing
+        lengths=(50,),
+        block_size=BLOCK,
+        model_name="tiny@test",
+        gradient_checkpointing=checkpointing,
+        importance="gradient",
     )
     path = profile_model(model, {50: items}, config, tmp_path)[50]
     got, meta = load_profile(path)
@@ -90,6 +94,8 @@ def test_profile_matches_autograd_formula_float64(tmp_path, checkpointing):
         "items_done": "2",
         "model": "tiny@test",
         "format": "moa-hub-profile-v1",
+        "temperature": "1.0",
+        "importance": "gradient",
     }
     rel = (got.double() - want).norm() / want.norm()
     assert rel < 1e-4, rel  # float32 storage of float64 sums
@@ -109,11 +115,11 @@ def test_resume_skips_finished_lengths_and_continues_partial(tmp_path, monkeypat
     calls = []
     real = profile_mod._backward_one
 
-    def interrupted(model, item, store):
+    def interrupted(model, item, *args):
         if len(calls) == 3:  # length 24 done (2 items), then 1 item of length 40, then "killed"
             raise KeyboardInterrupt
         calls.append(len(item.input_ids))
-        real(model, item, store)
+        real(model, item, *args)
 
     monkeypatch.setattr(profile_mod, "_backward_one", interrupted)
     with pytest.raises(KeyboardInterrupt):

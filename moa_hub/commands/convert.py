@@ -32,6 +32,10 @@ def convert(
     calibration: str = typer.Option("builtin", help="builtin, a Hub dataset id, or a jsonl/parquet/arrow path."),
     num_samples: int = typer.Option(4, "--num-samples", help="Calibration items per length."),
     block_size: int = typer.Option(64, "--block-size", help="Block size of the influence profile."),
+    importance: str = typer.Option(
+        "measured", help="Head importance: measured (each kv head's loss made local, measured) or gradient."
+    ),
+    temperature: float = typer.Option(1.0, help="Profiling loss: cross-entropy of logits / temperature."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("auto", help="auto, bf16, fp16 or fp32."),
     revision: str = typer.Option(None, help="Base model revision (branch, tag or commit)."),
@@ -61,6 +65,7 @@ def convert(
     config = ConvertConfig(
         model=model, output=output, density=density, profile_lengths=parse_lengths(profile_lengths, "--profile-lengths"),
         extend_length=extend_length, calibration=calibration, num_samples=num_samples, block_size=block_size,
+        importance=importance, temperature=temperature,
         device=device, dtype=dtype, work_dir=work_dir, overwrite=overwrite, resume=resume,
         resolve=ResolveConfig(revision=revision, token=token or None),
         push=PushConfig(repo_id=repo_id, private=private, create_pr=create_pr, token=token or None) if push else None,

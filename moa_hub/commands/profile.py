@@ -21,6 +21,11 @@ Examples:
   accelerate launch --multi_gpu --num_processes 4 -m moa_hub.cli profile ./llama --calibration c.jsonl --work-dir work
 
 Finished lengths (work/profile_<N>.safetensors) are reused; an interrupted length resumes from its .partial file.
+
+--importance measured (default) adds one forward per kv head per item per length: each kv head in turn is
+restricted to sink + (min_span - sink) recent tokens, every other head dense, and the measured answer-loss change
+rescales that head's gradient influence (its shape over blocks is kept). gradient keeps the first-order profile,
+which mis-ranks heads whose attention sits on one far token when the model answers confidently.
 """
 
 
@@ -48,6 +53,12 @@ def register(app: typer.Typer) -> None:
         revision: str = typer.Option(None, help="Model revision (branch, tag or commit)."),
         num_gpus: int = typer.Option(1, help="Data-parallel processes (one per GPU), via accelerate launch."),
         save_every: int = typer.Option(8, help="Items per rank between partial saves."),
+        importance: str = typer.Option(
+            "measured", help="measured: scale each kv head by its measured loss when made local; gradient: first-order."
+        ),
+        temperature: float = typer.Option(1.0, help="Profiling loss: cross-entropy of logits / temperature."),
+        sink: int = typer.Option(64, help="Sink of the measured rule (importance=measured)."),
+        min_span: int = typer.Option(128, help="Span of the measured rule (importance=measured)."),
     ) -> None:
         from ..profile import ProfileConfig, load_model_for_profiling, profile_model, read_items_jsonl
 
@@ -57,6 +68,10 @@ def register(app: typer.Typer) -> None:
             lengths=_lengths(profile_lengths),
             block_size=block_size,
             save_every=save_every,
+            importance=importance,
+            temperature=temperature,
+            sink=sink,
+            min_span=min_span,
             model_name=f"{model}@{revision}" if revision else model,
         )
         items = read_items_jsonl(calibration)
