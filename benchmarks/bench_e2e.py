@@ -436,7 +436,7 @@ def main() -> None:
         args={k: str(v) for k, v in vars(args).items()},
     )  # fmt: skip
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(result, indent=2))  # noqa: E731
-    for case in args.contexts.split(","):  # saved after every stage: a time-out keeps what was measured
+    for case in filter(None, args.contexts.split(",")):  # saved after every stage: a time-out keeps what was measured
         context, new = (int(x) for x in case.split("+"))
         result["decode"] += run_context(dense, moa, context, new, args, copy_gbps, weight_bytes)
         save()

@@ -27,6 +27,14 @@ def slot_of(pos: torch.Tensor, offset: torch.Tensor, capacity: torch.Tensor, sin
     return offset + torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, ring))
 
 
+def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 device tensor from a short host list without a stream sync (pinned, non-blocking copy on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class MoaCacheLayer(CacheLayerMixin):
     """The ragged per-head cache of one decoder layer."""
 
@@ -69,9 +77,10 @@ class MoaCacheLayer(CacheLayerMixin):
 
     # -- transformers Cache API -----------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        bsz, _, _, head_dim = key_states.shape
+        bsz, _, length, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._allocate(bsz, head_dim, [0] * self.num_heads)
+        # sized for the first chunk at once (a static cache: for max_cache_len), so it is not regrown at once
+        self._allocate(bsz, head_dim, [self.planned_capacity(g, max(length, 1)) for g in range(self.num_heads)])
         self.next_pos = torch.zeros(bsz, dtype=torch.int64, device=self.device)
         self.is_initialized = True
 
@@ -117,8 +126,8 @@ class MoaCacheLayer(CacheLayerMixin):
         offsets = [0]
         for cap in capacity[:-1]:
             offsets.append(offsets[-1] + cap)
-        self.head_offset = torch.tensor(offsets, dtype=torch.int64, device=self.device)
-        self.head_capacity = torch.tensor(capacity, dtype=torch.int64, device=self.device)
+        self.head_offset = _small_tensor(offsets, self.device)
+        self.head_capacity = _small_tensor(capacity, self.device)
         self.trash_slot = total - 1
         self.fits_until = 0  # recomputed on the next reserve()
 
