@@ -282,12 +282,12 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
     """Time every decode candidate (CUDA-graph replays) at (n, bsz, density 50%); install the best in the bucket."""
     alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
-    limit, original = decode.DECODE_CONFIGS[bucket]
+    *limits, original = decode.DECODE_CONFIGS[bucket]
     timings = {}
     for bn, warps, stages, per_sm, fused, merge_splits in cfg.decode_candidates:
         conf = {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
                 "fused_merge": fused, "merge_splits": merge_splits}  # fmt: skip
-        decode.DECODE_CONFIGS[bucket] = (limit, conf)
+        decode.DECODE_CONFIGS[bucket] = (*limits, conf)
         try:
             ms, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
             if not decode.INTERPRETED and decode.decode_config(bsz, slots) is not conf:
@@ -299,7 +299,7 @@ def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
             log("decode config failed", conf, repr(exc)[:200])
     log(f"decode sweep n={n} b={bsz}", json.dumps(timings))
     best = json.loads(min(timings, key=timings.get)) if timings else original
-    decode.DECODE_CONFIGS[bucket] = (limit, best)
+    decode.DECODE_CONFIGS[bucket] = (*limits, best)
     return {"n": n, "batch": bsz, "best": best, "ms": timings}
 
 
@@ -317,7 +317,7 @@ def config_tables() -> str:
     lines = ["PREFILL_CONFIGS = ["]
     lines += [f"    ({limit}, {conf})," for limit, conf in prefill.PREFILL_CONFIGS]
     lines += ["]", "DECODE_CONFIGS = ["]
-    lines += [f"    ({limit}, {conf})," for limit, conf in decode.DECODE_CONFIGS]
+    lines += [f"    ({rows}, {limit}, {conf})," for rows, limit, conf in decode.DECODE_CONFIGS]
     return "\n".join(lines + ["]"]).replace("2305843009213693952", "2**61").replace("4611686018427387904", "2**62")
 
 

@@ -278,29 +278,26 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
     return buf
 
 
-# d=128 bf16, by decode work (rows x cache slots) bucket. benchmarks/bench_attention.py --sweep times the candidates
-# per bucket on the GPU and prints this table filled with the winners (H200 sweep of 2026-11-24 16:42 UTC, `--quick`).
+# d=128 bf16: (most rows, most rows x cache slots, launch config), the first entry holding a call wins. Few rows
+# want few, long splits (the merge of many splits is serial per head); more rows, more splits. Winners of the H200
+# decode sweep of 2026-11-24 17:5x UTC (.gpu_stage sweep over BLOCK_N x warps x stages x programs per SM, at 8k/32k/128k
+# x 1 row, 8k/32k x 16 and 8k x 64 rows; RESULTS.md); benchmarks/bench_attention.py --sweep re-times one shape per entry.
 DECODE_CONFIGS = [
-    (
-        2**20,
-        {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4, "programs_per_sm": 16, "fused_merge": True, "merge_splits": 8},
-    ),
-    (
-        2**24,
-        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True, "merge_splits": 16},
-    ),
-    (
-        2**62,
-        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True, "merge_splits": 16},
-    ),
-]
+    (2, 2**62, {"BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 2, "fused_merge": True,
+                "merge_splits": 16}),
+    (2**62, 2**24, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
+                    "merge_splits": 16}),
+    (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True,
+                    "merge_splits": 16}),
+]  # fmt: skip
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
 
 
 def decode_config(bsz: int, total_slots: int) -> dict:
-    """Launch config of the first DECODE_CONFIGS bucket holding bsz * total_slots."""
+    """Launch config of the first DECODE_CONFIGS entry holding bsz rows and bsz * total_slots."""
     work = bsz * total_slots
-    return next((cfg for limit, cfg in DECODE_CONFIGS if work <= limit), DECODE_CONFIGS[-1][1])
+    fits = (cfg for rows, limit, cfg in DECODE_CONFIGS if bsz <= rows and work <= limit)
+    return next(fits, DECODE_CONFIGS[-1][-1])
 
 
 def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config=None):
