@@ -4,8 +4,8 @@ PYTHONPATH=. python benchmarks/sweep_decode.py 280     # seconds of budget; writ
 """
 
 import itertools
-import os
 import json
+import os
 import sys
 import time
 
