@@ -195,22 +195,33 @@ def expand_rows(host_cache, bsz: int):
     return out
 
 
+def time_steps(warm_up, decode, steps: int, repeats: int) -> tuple[list[float], float]:
+    """Seconds of warm_up(), then seconds per step of `repeats` calls of decode(steps), synchronised."""
+    t0 = time.perf_counter()
+    warm_up()
+    sync()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        decode(steps)
+        sync()
+        times.append((time.perf_counter() - t0) / steps)
+    return times, warm_s
+
+
 def time_generate(model, cache, ids: torch.Tensor, steps: int, repeats: int) -> tuple[list[float], float]:
     """Warm-up generate() (compiles when the cache is static), then `repeats` timed generate(steps)."""
-    kwargs = dict(do_sample=False, pad_token_id=0)
-    t0 = time.perf_counter()
+    state = {"ids": ids}
+
+    def generate(new: int) -> None:
+        state["ids"] = model.generate(
+            state["ids"], past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+
     with torch.inference_mode():
-        ids = model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, **kwargs)
-        sync()
-        warm_s = time.perf_counter() - t0
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            ids = model.generate(ids, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps, **kwargs)
-            sync()
-            times.append((time.perf_counter() - t0) / steps)
-    return times, warm_s
+        return time_steps(lambda: generate(8), generate, steps, repeats)
 
 
 def run_dense(model, method: str, dyn, prompt, bsz: int, *, total: int, steps: int, repeats: int):
@@ -238,18 +249,7 @@ def run_moa(moa, cache1, first, bsz: int, *, steps: int, repeats: int):
     warm = 3
     loop = loop_mod.MoaDecodeLoop(moa, cache, max_steps=warm + steps * repeats)
     loop.prime(first.expand(bsz), cache.layers[0].next_pos)
-    t0 = time.perf_counter()
-    loop.run(warm)  # eager step, capture, replay
-    sync()
-    warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        loop.run(steps)
-        sync()
-        times.append((time.perf_counter() - t0) / steps)
-    return times, warm_s
+    return time_steps(lambda: loop.run(warm), loop.run, steps, repeats)  # warm: eager step, capture, replay
 
 
 def with_oom_retry(fn, bsz: int, tries: int = 4):
