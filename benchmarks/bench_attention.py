@@ -279,25 +279,45 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
     return {"n": n, "best": best, "ms": timings}
 
 
-def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
-    """Time every decode candidate (CUDA-graph replays) at (n, bsz, density 50%); install the best in the bucket."""
-    alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
-    *limits, original = decode.DECODE_CONFIGS[bucket]
+def decode_candidate(candidate: tuple) -> dict:
+    """A DECODE_CONFIGS launch config from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits)."""
+    keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "fused_merge", "merge_splits")
+    return dict(zip(keys, candidate, strict=True))
+
+
+def time_decode_candidates(cfg, n: int, bsz: int, density: float, candidates, entry: int, deadline=None) -> dict:
+    """ms of decode (CUDA-graph replays) at (n, bsz, density) for each candidate, installed in DECODE_CONFIGS[entry].
+
+    The entry is restored afterwards; a shape that another entry would serve stops the run (the timing would be of
+    the wrong config). Candidates left when time.time() passes ``deadline`` are skipped.
+    """
+    alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
+    *limits, original = decode.DECODE_CONFIGS[entry]
     timings = {}
-    for bn, warps, stages, per_sm, fused, merge_splits in cfg.decode_candidates:
-        conf = {"BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
-                "fused_merge": fused, "merge_splits": merge_splits}  # fmt: skip
-        decode.DECODE_CONFIGS[bucket] = (*limits, conf)
-        try:
-            ms, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
+    try:
+        for candidate in candidates:
+            if deadline is not None and time.time() > deadline:
+                break
+            conf = decode_candidate(candidate)
+            decode.DECODE_CONFIGS[entry] = (*limits, conf)
+            try:
+                ms, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
+            except Exception as exc:
+                log("decode config failed", conf, repr(exc)[:200])
+                continue
             if not decode.INTERPRETED and decode.decode_config(bsz, slots) is not conf:
-                raise SystemExit(f"decode sweep shape n={n} b={bsz} is not in bucket {bucket}: fix BenchConfig")
+                raise SystemExit(f"decode shape n={n} b={bsz} is not served by entry {entry}: fix the shapes")
             timings[json.dumps(conf)] = ms
-        except SystemExit:
-            raise
-        except Exception as exc:
-            log("decode config failed", conf, repr(exc)[:200])
+    finally:
+        decode.DECODE_CONFIGS[entry] = (*limits, original)
+    return timings
+
+
+def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
+    """Time every decode candidate at (n, bsz, density 50%); install the best in the bucket."""
+    timings = time_decode_candidates(cfg, n, bsz, 0.5, cfg.decode_candidates, bucket)
     log(f"decode sweep n={n} b={bsz}", json.dumps(timings))
+    *limits, original = decode.DECODE_CONFIGS[bucket]
     best = json.loads(min(timings, key=timings.get)) if timings else original
     decode.DECODE_CONFIGS[bucket] = (*limits, best)
     return {"n": n, "batch": bsz, "best": best, "ms": timings}

@@ -1,90 +1,64 @@
 """Targeted decode-config sweep at the weak points of the kernel table (CUDA-graph replays, bench_attention's timer).
 
-PYTHONPATH=. python benchmarks/sweep_decode.py 280     # seconds of budget; writes $OUT/sweep_decode.json
+    PYTHONPATH=. python benchmarks/sweep_decode.py 280     # seconds of budget; writes $OUT/sweep_decode.json
+
+Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
+the entry that serves it; the table itself is left unchanged (paste winners by hand).
 """
+
+from __future__ import annotations
 
 import itertools
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, ".")
-from benchmarks import bench_attention as ba
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import bench_attention as ba  # noqa: E402
 
-cfg = ba.BenchConfig()
-dec = ba.decode
-if ba.CUDA:
-    points = [
-        (8192, 1, 0.5),
-        (32768, 1, 0.5),
-        (131072, 1, 0.5),
-        (8192, 16, 0.5),
-        (8192, 16, 0.25),
-        (32768, 16, 0.25),
-        (8192, 64, 0.25),
-        (32768, 16, 0.5),
-        (131072, 64, 0.5),
-    ]
-    cands = list(itertools.product((32, 64), (2, 4), (3, 4), (2, 4, 8, 16, 32), (16,))) + [
-        (128, 8, 3, 8, 16),
-        (64, 8, 4, 8, 16),
-    ]
-else:
-    sys.path.insert(0, "tests")
-    from conftest import patch_interpreter_index
+POINTS = [(8192, 1, 0.5), (32768, 1, 0.5), (131072, 1, 0.5), (8192, 16, 0.5), (8192, 16, 0.25), (32768, 16, 0.25),
+          (8192, 64, 0.25), (32768, 16, 0.5), (131072, 64, 0.5)]  # fmt: skip
+# (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits)
+CANDIDATES = [(*c, True, 16) for c in itertools.product((32, 64), (2, 4), (3, 4), (2, 4, 8, 16, 32))]
+CANDIDATES += [(128, 8, 3, 8, True, 16), (64, 8, 4, 8, True, 16)]
 
-    patch_interpreter_index()
-    cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
-    points = [(96, 2, 0.5)]
-    cands = [(16, 1, 1, 8, 8), (16, 1, 1, 4, 16)]
-t0 = time.time()
-results = {}
-budget = float(sys.argv[1]) if len(sys.argv) > 1 else 240
-for n, b, d in points:
-    alpha, beta = ba.make_plan(n, d, cfg.sink, cfg.min_span, cfg.hkv)
-    read = None
-    res = {}
-    current = dec.decode_config(
-        b, int(ba.spans.span_at(n, alpha, beta, cfg.sink, cfg.min_span).clamp(min=cfg.sink + 1).sum())
-    )
-    saved = list(dec.DECODE_CONFIGS)
-    for c in [None] + cands:
-        if time.time() - t0 > budget:
-            break
-        conf = (
-            current
-            if c is None
-            else {
-                "BLOCK_N": c[0],
-                "num_warps": c[1],
-                "num_stages": c[2],
-                "programs_per_sm": c[3],
-                "fused_merge": True,
-                "merge_splits": c[4],
-            }
-        )
-        dec.DECODE_CONFIGS[:] = [(2**62, conf)]
-        try:
-            ms, slots = ba.time_moa_decode(b, n, alpha, beta, cfg)
-            res["current" if c is None else json.dumps(c)] = ms
-            read = b * slots * (2 * cfg.head_dim * 2 + 4)
-        except Exception as exc:
-            print("fail", c, repr(exc)[:120], flush=True)
-        dec.DECODE_CONFIGS[:] = saved
-    best = min(res, key=res.get)
-    results[f"{n}x{b}@{d}"] = dict(
-        current=res.get("current"),
-        best=best,
-        best_ms=res[best],
-        n_tried=len(res),
-        bytes=read,
-        top5=sorted(res.items(), key=lambda kv: kv[1])[:5],
-    )
-    print(
-        f"{n}x{b}@{d}: current {res.get('current'):.4f} ms best {res[best]:.4f} {best} tried {len(res)} "
-        f"t={time.time() - t0:.0f}s",
-        flush=True,
-    )
-out = os.environ.get("OUT", "/tmp")
-open(f"{out}/sweep_decode.json", "w").write(json.dumps(results, indent=1))
+
+def serving_entry(bsz: int, slots: int) -> int:
+    """Index of the DECODE_CONFIGS entry that serves bsz rows of `slots` cache slots."""
+    conf = ba.decode.decode_config(bsz, slots)
+    return next(i for i, entry in enumerate(ba.decode.DECODE_CONFIGS) if entry[-1] is conf)
+
+
+def main() -> None:
+    cfg = ba.BenchConfig()
+    points, candidates = POINTS, CANDIDATES
+    if not ba.CUDA:  # CPU smoke test under TRITON_INTERPRET=1
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import patch_interpreter_index
+
+        patch_interpreter_index()
+        cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
+        points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
+    deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
+    results = {}
+    for n, bsz, density in points:
+        alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
+        current, slots = ba.time_moa_decode(bsz, n, alpha, beta, cfg)
+        timings = ba.time_decode_candidates(
+            cfg, n, bsz, density, candidates, serving_entry(bsz, slots), deadline
+        )  # fmt: skip
+        timings["current"] = current
+        best = min(timings, key=timings.get)
+        results[f"{n}x{bsz}@{density}"] = dict(
+            current=current, best=best, best_ms=timings[best], n_tried=len(timings),
+            bytes=bsz * slots * (2 * cfg.head_dim * 2 + 4), top5=sorted(timings.items(), key=lambda kv: kv[1])[:5],
+        )  # fmt: skip
+        ba.log(f"{n}x{bsz}@{density}: current {current:.4f} ms, best {timings[best]:.4f} ms {best}")
+    out = Path(os.environ.get("OUT", "/tmp"))
+    (out / "sweep_decode.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
