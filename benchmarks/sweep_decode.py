@@ -1,6 +1,7 @@
 """Targeted decode-config sweep at the weak points of the kernel table (CUDA-graph replays, bench_attention's timer).
 
     PYTHONPATH=. python benchmarks/sweep_decode.py 280     # seconds of budget; writes $OUT/sweep_decode.json
+    PYTHONPATH=. python benchmarks/sweep_decode.py 120 8192x16@0.25,32768x1@0.5    # only these points
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -21,7 +22,7 @@ from benchmarks import bench_attention as ba  # noqa: E402
 POINTS = [(8192, 1, 0.5), (32768, 1, 0.5), (131072, 1, 0.5), (8192, 16, 0.5), (8192, 16, 0.25), (32768, 16, 0.25),
           (8192, 64, 0.25), (32768, 16, 0.5), (131072, 64, 0.5)]  # fmt: skip
 # (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits)
-CANDIDATES = [(*c, True, 16) for c in itertools.product((32, 64), (2, 4), (3, 4), (2, 4, 8, 16, 32))]
+CANDIDATES = [(*c, True, 16) for c in itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8, 16, 32))]
 CANDIDATES += [(128, 8, 3, 8, True, 16), (64, 8, 4, 8, True, 16)]
 
 
@@ -42,6 +43,9 @@ def main() -> None:
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
+    if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
+        points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
+                  for p in sys.argv[2].split(",")]  # fmt: skip
     results = {}
     for n, bsz, density in points:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)

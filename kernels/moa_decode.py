@@ -43,31 +43,30 @@ if HAS_TRITON:
         stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
         GROUP: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
-        # log2-domain merge of the (output, lse) of splits [first, first + count), BLOCK_S splits at a time
+        # log2-domain merge of the (output, lse) of splits [first, first + count), BLOCK_S splits at a time, in one
+        # pass (online rescaling, as in the attention loop): one round of loads per BLOCK_S splits
         offs_s = tl.arange(0, BLOCK_S)
         offs_g = tl.arange(0, MERGE_G)
         offs_d = tl.arange(0, HEAD_DIM)
         in_group = offs_g < GROUP
         lse_base = PartLse + b * stride_lb + offs_g[None, :]
         m_i = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
-        for s0 in range(0, count, BLOCK_S):  # pass 1: the largest lse per query head
-            ws = first + s0 + offs_s
-            ok = ((s0 + offs_s) < count)[:, None] & in_group[None, :]
-            lse = tl.load(lse_base + ws[:, None] * stride_lw, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            m_i = tl.maximum(m_i, tl.max(lse, 0))
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_i = tl.zeros([MERGE_G], dtype=tl.float32)
         acc = tl.zeros([MERGE_G, HEAD_DIM], dtype=tl.float32)
-        for s0 in range(0, count, BLOCK_S):  # pass 2: weights 2^(lse - max), outputs [BLOCK_S, MERGE_G, D]
+        for s0 in range(0, count, BLOCK_S):
             ws = first + s0 + offs_s
             ok = ((s0 + offs_s) < count)[:, None] & in_group[None, :]
             lse = tl.load(lse_base + ws[:, None] * stride_lw, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            p = tl.math.exp2(lse - m_safe[None, :])  # [BLOCK_S, MERGE_G]
             o_ptrs = (PartO + b * stride_pb + ws[:, None, None] * stride_pw + offs_g[None, :, None] * stride_pg
                       + offs_d[None, None, :])  # fmt: skip
-            o = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-            l_i += tl.sum(p, 0)
-            acc += tl.sum(p[:, :, None] * o, 0)
+            o = tl.load(o_ptrs, mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # [BLOCK_S, MERGE_G, D]
+            m_new = tl.maximum(m_i, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(lse - m_safe[None, :])  # [BLOCK_S, MERGE_G]; 0 for empty splits
+            corr = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * corr + tl.sum(p, 0)
+            acc = acc * corr[:, None] + tl.sum(p[:, :, None] * o, 0)
+            m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = Out + b * stride_ob + (g * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])

@@ -28,6 +28,17 @@ def _triton_kernels():
     return moa_prefill, moa_decode
 
 
+def fused_kernels(tensor: torch.Tensor):
+    """``moa_fused`` when its kernels run for this tensor and ``MOA_FUSED`` is not 0, else None."""
+    if os.environ.get("MOA_FUSED", "1").strip() == "0":
+        return None
+    try:
+        from . import moa_fused
+    except ImportError:
+        return None
+    return moa_fused if moa_fused.available(tensor) else None
+
+
 def select_backend(device: torch.device) -> str:
     """Resolve MOA_BACKEND for tensors on ``device``: 'torch' or 'triton'."""
     choice = os.environ.get("MOA_BACKEND", "auto").strip().lower()
@@ -82,7 +93,10 @@ def moa_attention(
     backend = select_backend(query.device)
     a, b = _rules(alpha, beta, query.device)
     if layer is not None and layer.is_initialized and layer.seq_len > 0 and query.shape[2] == 1:
-        layer.write(key, value, q_pos)  # a single token never evicts a key of its own window
+        if backend == "triton" and fused_kernels(query) is not None:
+            layer.write_token(key, value, q_pos[:, 0], fused_kernels(query).append_token)  # one launch
+        else:
+            layer.write(key, value, q_pos)  # a single token never evicts a key of its own window
         return _decode(query, layer, q_pos[:, 0], a, b, sink, min_span, scale, backend)
     if layer is not None and layer.is_initialized and layer.seq_len > 0:
         out = _chunk_over_cache(query, key, value, q_pos, layer, a, b, sink, min_span, scale, backend)

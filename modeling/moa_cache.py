@@ -204,6 +204,21 @@ class MoaCacheLayer(CacheLayerMixin):
         )
         self.next_pos += (q_pos >= 0).sum(dim=-1)
 
+    def write_token(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor, append_token) -> None:
+        """``write`` of one token per row (key/value [B, Hkv, 1, D], q_pos [B]) in one kernel launch.
+
+        append_token: ``moa_fused.append_token``. A single token never evicts a key of its own window, so
+        the slot is the position's (the trash slot for padding).
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key, value)
+        self.seq_len += 1
+        self.reserve(self.seq_len)
+        append_token(
+            key, value, q_pos, self.keys, self.values, self.slot_pos, self.head_offset, self.head_capacity,
+            self.next_pos, self.sink, self.trash_slot,
+        )  # fmt: skip
+
     def padded_heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every head's slots as a padded view: keys/values [B, Hkv, Cmax, D], positions [B, Hkv, Cmax]."""
         width = max(self.capacity)

@@ -15,7 +15,7 @@ import inspect
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .moa_attention import moa_attention
+from .moa_attention import fused_kernels, moa_attention, select_backend
 from .moa_cache import MoaCache
 from .moa_generate import greedy_generate
 
@@ -32,10 +32,20 @@ def _pick_cache(kwargs: dict):
     return cache if cache is not None else legacy
 
 
+def _fused_for(tensor: torch.Tensor):
+    """``moa_fused`` when the Triton backend runs this forward and no gradient is needed, else None."""
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return None
+    if select_backend(tensor.device) != "triton":
+        return None
+    return fused_kernels(tensor)
+
+
 class MoaAttentionMixin:
     """Replaces the attention computation of a base attention module; keeps its weights and RoPE."""
 
     apply_rotary_pos_emb = None  # set by each architecture file
+    standard_rope = False  # True where apply_rotary_pos_emb is Llama's (then moa_fused.rope may replace it)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         cache = _pick_cache(kwargs)
@@ -46,7 +56,11 @@ class MoaAttentionMixin:
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, L, D]
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = type(self).apply_rotary_pos_emb(query, key, cos, sin)
+        fused = _fused_for(query) if self.standard_rope else None
+        if fused is not None and fused.rope_supported(query, key, cos):
+            query, key = fused.rope(query, key, cos, sin)  # one launch for both
+        else:
+            query, key = type(self).apply_rotary_pos_emb(query, key, cos, sin)
         plan = self.config.moa
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         out = moa_attention(
@@ -117,14 +131,60 @@ class MoaModelMixin:
         rope_ids, q_pos = moa_positions(attention_mask, position_ids, cache, bsz, length, inputs_embeds.device)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=rope_ids)
         cache_kw = cache_argument(type(self.layers[0]).forward)
-        hidden_states = inputs_embeds
-        for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = layer(
-                hidden_states, attention_mask=None, position_ids=rope_ids, position_embeddings=position_embeddings,
-                use_cache=use_cache, moa_positions=q_pos, **{cache_kw: cache}, **kwargs,
-            )  # fmt: skip
-        hidden_states = self.norm(hidden_states)
+        layers = self.layers[: self.config.num_hidden_layers]
+        fused = _fused_for(inputs_embeds) if self._fusable_stack() else None
+        if fused is not None:
+            attn_kwargs = dict(position_embeddings=position_embeddings, attention_mask=None, position_ids=rope_ids,
+                               use_cache=use_cache, moa_positions=q_pos, **{cache_kw: cache}, **kwargs)  # fmt: skip
+            hidden_states = _fused_stack(fused, layers, self.norm, inputs_embeds, attn_kwargs)
+        else:
+            hidden_states = inputs_embeds
+            for layer in layers:
+                hidden_states = layer(
+                    hidden_states, attention_mask=None, position_ids=rope_ids, position_embeddings=position_embeddings,
+                    use_cache=use_cache, moa_positions=q_pos, **{cache_kw: cache}, **kwargs,
+                )  # fmt: skip
+            hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{cache_kw: cache if use_cache else None})
+
+    def _fusable_stack(self) -> bool:
+        """Whether every layer is a pre-norm Llama-type block (RMSNorm, SiLU gated MLP) that _fused_stack runs."""
+        if getattr(self, "_moa_fusable", None) is None:
+            norms = [self.norm] + [
+                n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+            ]
+            self._moa_fusable = (
+                getattr(self.config, "hidden_act", None) == "silu"
+                and all(type(layer).__name__ in _FUSABLE_LAYERS for layer in self.layers)
+                and all(type(n).__name__ in _FUSABLE_NORMS and hasattr(n, "variance_epsilon") for n in norms)
+                and all(all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")) for layer in self.layers)
+            )  # fmt: skip
+        return self._moa_fusable
+
+
+_FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _fused_stack(fused, layers, final_norm, hidden: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+    """The decoder layers and the final norm with fused kernels: each residual add is done inside the next RMSNorm.
+
+    Same computation as the transformers layers: h = x + attn(norm1(x)); x' = h + mlp(norm2(h)), with
+    mlp(y) = down(silu(gate(y)) * up(y)); the output is norm(x_last).
+    """
+    first = layers[0].input_layernorm
+    residual, normed = hidden, fused.rms_norm(hidden, first.weight, first.variance_epsilon)
+    pending = None
+    for layer in layers:
+        if pending is not None:
+            norm = layer.input_layernorm
+            residual, normed = fused.rms_norm(pending, norm.weight, norm.variance_epsilon, residual=residual)
+        attn, _ = layer.self_attn(normed, **attn_kwargs)
+        norm = layer.post_attention_layernorm
+        residual, normed = fused.rms_norm(attn, norm.weight, norm.variance_epsilon, residual=residual)
+        mlp = layer.mlp
+        pending = mlp.down_proj(fused.silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))
+    return fused.rms_norm(pending, final_norm.weight, final_norm.variance_epsilon, residual=residual)[1]
 
 
 class MoaForCausalLMMixin:

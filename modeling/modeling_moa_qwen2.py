@@ -19,6 +19,7 @@ from .moa_model import MoaAttentionMixin, MoaForCausalLMMixin, MoaModelMixin
 
 class MoaQwen2Attention(MoaAttentionMixin, Qwen2Attention):
     apply_rotary_pos_emb = staticmethod(apply_rotary_pos_emb)
+    standard_rope = True  # x * cos + rotate_half(x) * sin: moa_fused.rope computes the same
 
 
 class MoaQwen2Model(MoaModelMixin, Qwen2Model):

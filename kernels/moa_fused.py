@@ -1,0 +1,204 @@
+"""Fused Triton kernels for the small ops around MoA attention in a decoder layer (CUDA / Triton backend).
+
+A decode step of an 8B model at a large batch spends ~10% of its time in kernels other than the
+attention and the weight GEMMs: RMSNorm is 7 torch kernels, RoPE about 10, the residual adds, SiLU x up
+and the cache write another 15 (benchmarks/profile_step.py; RESULTS.md). Each function here is one
+launch and computes the same thing as the transformers ops it replaces, rounding to the model's dtype
+where those ops do (so results match torch up to the order of the RMSNorm sum):
+
+- ``rms_norm(x, weight, eps, residual=None)``: ``weight * (h * rsqrt(mean(h^2) + eps)).to(dtype)``
+  (Llama / Mistral / Qwen2 RMSNorm) of ``h = residual + x`` when a residual is given, returning (h, normed);
+- ``rope(q, k, cos, sin)``: ``x * cos + rotate_half(x) * sin`` for the query and key heads at once;
+- ``silu_mul(gate, up)``: ``silu(gate) * up`` (the Llama MLP's activation);
+- ``append_token(...)``: the cache write of one decode token per row (``MoaCacheLayer.write_token``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moa_window import INTERPRETED
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs use the transformers ops
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+        HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:  # h = residual + x, rounded to the input dtype like the torch add
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            x = (r.to(tl.float32) + x.to(tl.float32)).to(ResOut.dtype.element_ty)
+            tl.store(ResOut + row * stride_ro + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, 0) / n_cols
+        y = (xf * tl.math.rsqrt(var + eps)).to(X.dtype.element_ty).to(tl.float32)  # .to(input_dtype)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + row * stride_o + cols, (w * y).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_heads(X, Out, b, t, sxb, sxh, sxt, sob, soh, sot, cos, sin, d, rot, sign, n_heads,
+                    BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+        # x [BLOCK_H, D] of token (b, t): x * cos + rotate_half(x) * sin, each product rounded like torch
+        h = tl.arange(0, BLOCK_H)
+        ok = (h < n_heads)[:, None] & (d < HEAD_DIM)[None, :]
+        base = X + b * sxb + t * sxt + h[:, None] * sxh
+        x = tl.load(base + d[None, :], mask=ok, other=0.0)
+        xr = tl.load(base + rot[None, :], mask=ok, other=0.0).to(tl.float32) * sign[None, :]
+        dt = Out.dtype.element_ty
+        a = (x.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
+        c = (xr * sin[None, :]).to(dt).to(tl.float32)
+        tl.store(Out + b * sob + t * sot + h[:, None] * soh + d[None, :], (a + c).to(dt), mask=ok)
+
+    @triton.jit
+    def _rope_kernel(
+        Q, K, Cos, Sin, QO, KO, seq_len, n_q, n_k,
+        sqb, sqh, sqt, skb, skh, skt, scb, sct, ssb, sst, sqob, sqoh, sqot, skob, skoh, skot,
+        HEAD_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    ):  # fmt: skip
+        tok = tl.program_id(0).to(tl.int64)
+        b = tok // seq_len
+        t = tok % seq_len
+        half: tl.constexpr = HEAD_DIM // 2
+        d = tl.arange(0, HEAD_DIM)
+        rot = tl.where(d < half, d + half, d - half)  # rotate_half = cat(-x2, x1)
+        sign = tl.where(d < half, -1.0, 1.0)
+        cos = tl.load(Cos + b * scb + t * sct + d).to(tl.float32)
+        sin = tl.load(Sin + b * ssb + t * sst + d).to(tl.float32)
+        _rope_heads(Q, QO, b, t, sqb, sqh, sqt, sqob, sqoh, sqot, cos, sin, d, rot, sign, n_q, BLOCK_HQ, HEAD_DIM)
+        _rope_heads(K, KO, b, t, skb, skh, skt, skob, skoh, skot, cos, sin, d, rot, sign, n_k, BLOCK_HK, HEAD_DIM)
+
+    @triton.jit
+    def _silu_mul_kernel(G, U, Out, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty).to(tl.float32)  # silu in the dtype, then * up
+        tl.store(Out + offs, (act * u).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _append_token_kernel(
+        Key, Value, QPos, CacheK, CacheV, SlotPos, HeadOff, HeadCap, NextPos,
+        skb, skh, svb, svh, sqp, sckb, sckn, scvb, scvn, ssb, trash,
+        SINK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        # one program per (row, kv head): the token at position pos goes to its slot (docs/internals.md)
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        pos = tl.load(QPos + b * sqp).to(tl.int64)
+        off = tl.load(HeadOff + g).to(tl.int64)
+        ring = tl.load(HeadCap + g).to(tl.int64) - SINK
+        in_ring = off + SINK + tl.maximum(pos - SINK, 0) % ring
+        slot = tl.where(pos < 0, trash, tl.where(pos < SINK, off + pos, in_ring))
+        d = tl.arange(0, HEAD_DIM)
+        k = tl.load(Key + b * skb + g * skh + d)
+        v = tl.load(Value + b * svb + g * svh + d)
+        tl.store(CacheK + b * sckb + slot * sckn + d, k.to(CacheK.dtype.element_ty))
+        tl.store(CacheV + b * scvb + slot * scvn + d, v.to(CacheV.dtype.element_ty))
+        tl.store(SlotPos + b * ssb + slot, tl.where(pos < 0, -1, pos).to(tl.int32))
+        if g == 0:
+            tl.store(NextPos + b, tl.load(NextPos + b) + (pos >= 0).to(tl.int64))
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """The fused kernels run on CUDA tensors (or anywhere under TRITON_INTERPRET=1)."""
+    return HAS_TRITON and (tensor.is_cuda or INTERPRETED)
+
+
+def _warps(block: int) -> int:
+    return 1 if INTERPRETED else max(1, min(16, block // 512))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of the last dim; with ``residual``: returns (residual + x, RMSNorm(residual + x)).
+
+    Output dtype = promote(weight, x) as in ``weight * normed.to(x.dtype)``.
+    """
+    shape, cols = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    block = triton.next_power_of_2(cols)
+    if residual is not None:
+        r2 = residual.reshape(-1, cols)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+        res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    else:
+        r2, res_out = x2, out
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), cols, eps,
+        HAS_RES=residual is not None, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    if residual is None:
+        return out.view(shape)
+    return res_out.view(shape), out.view(shape)
+
+
+def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``apply_rotary_pos_emb`` of Llama / Mistral / Qwen2: query [B, Hq, L, D], key [B, Hkv, L, D] (any strides
+    with a contiguous last dim), cos/sin [B, L, D]. Outputs keep the inputs' memory layout."""
+    bsz, n_q, length, dim = query.shape
+    n_k = key.shape[1]
+    q_out = torch.empty_like(query)  # same strides as the input (a transposed projection: [B, L, H, D] memory)
+    k_out = torch.empty_like(key)
+    cos = cos.expand(bsz, length, dim)
+    sin = sin.expand(bsz, length, dim)
+    strides = [*query.stride()[:3], *key.stride()[:3], *cos.stride()[:2], *sin.stride()[:2]]
+    strides += [*q_out.stride()[:3], *k_out.stride()[:3]]
+    _rope_kernel[(bsz * length,)](
+        query, key, cos, sin, q_out, k_out, length, n_q, n_k, *strides, HEAD_DIM=dim,
+        BLOCK_HQ=triton.next_power_of_2(n_q), BLOCK_HK=triton.next_power_of_2(n_k), num_warps=_warps(n_q * dim),
+    )  # fmt: skip
+    return q_out, k_out
+
+
+def rope_supported(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor) -> bool:
+    dim = query.shape[-1]
+    return (
+        available(query) and dim % 2 == 0 and dim == triton.next_power_of_2(dim) and cos.shape[-1] == dim
+        and cos.dim() == 3 and query.stride(-1) == 1 and key.stride(-1) == 1 and cos.stride(-1) == 1
+    )  # fmt: skip
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (each rounded to the dtype, as the two torch ops do)."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    block = 16 if INTERPRETED else 2048
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block,
+                                                         num_warps=_warps(block))  # fmt: skip
+    return out
+
+
+def append_token(key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity, next_pos,
+                 sink: int, trash_slot: int) -> None:  # fmt: skip
+    """Write one token per row into its kv heads' slots; q_pos [B] (-1: padding, written to the trash slot).
+
+    key/value: [B, Hkv, 1, D]; the cache tensors as ``MoaCacheLayer`` holds them. One launch, no host sync;
+    ``next_pos`` grows by one for each row whose token is not padding.
+    """
+    bsz, num_heads, _, dim = key.shape
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    _append_token_kernel[(bsz, num_heads)](
+        key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity, next_pos,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), q_pos.stride(0),
+        cache_keys.stride(0), cache_keys.stride(1), cache_values.stride(0), cache_values.stride(1),
+        slot_pos.stride(0), trash_slot, SINK=sink, HEAD_DIM=dim, num_warps=1,
+    )  # fmt: skip

@@ -1,0 +1,162 @@
+"""moa_fused kernels against the transformers ops they replace (CPU under TRITON_INTERPRET=1, GPU when present).
+
+Each kernel is compared with the torch ops on fresh random inputs: RMSNorm (with and without the residual add),
+RoPE on transposed projection views with GQA, SiLU x up, the one-token cache write (sink, ring wrap, padding),
+and a whole MoA model run with the fused stack against the same model with ``MOA_FUSED=0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import build_dense, build_moa, patch_interpreter_index, random_plan
+
+from moa_hub.remote import remote_module
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+    patch_interpreter_index()
+pytest.importorskip("triton")
+fused = remote_module("moa_fused")
+cache_mod = remote_module("moa_cache")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if not INTERPRET else [])
+pytestmark = pytest.mark.skipif(INTERPRET and not fused.INTERPRETED, reason="triton imported before TRITON_INTERPRET")
+
+
+def ulps_apart(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference in units of the dtype's spacing at ref (0: bit-equal)."""
+    spacing = torch.finfo(ref.dtype).eps * ref.float().abs().clamp_min(torch.finfo(ref.dtype).tiny)
+    return float(((out.float() - ref.float()).abs() / spacing).max())
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(device=x.device, dtype=weight.dtype)
+    norm.weight.data.copy_(weight)
+    with torch.no_grad():
+        return norm(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [80, 128])
+def test_rms_norm_matches_the_transformers_norm(dtype, cols):
+    gen = torch.Generator(device=DEVICE).manual_seed(cols)
+    x = torch.randn(3, 5, cols, device=DEVICE, generator=gen).to(dtype)
+    res = torch.randn(3, 5, cols, device=DEVICE, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(cols, device=DEVICE, generator=gen)).to(dtype)
+    out = fused.rms_norm(x, weight, 1e-5)
+    ref = hf_rms_norm(x, weight, 1e-5)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    # the sum of squares is added in another order (and rsqrt may differ in its last bits): in a half dtype one
+    # ulp of difference is allowed, in float32 a few
+    limit = 8.0 if dtype == torch.float32 else 1.0
+    assert ulps_apart(out, ref) <= limit
+    h, normed = fused.rms_norm(x, weight, 1e-5, residual=res)
+    torch.testing.assert_close(h, res + x, rtol=0, atol=0)  # the add rounds like torch's
+    assert ulps_apart(normed, hf_rms_norm(res + x, weight, 1e-5)) <= limit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 2)])
+def test_rope_matches_apply_rotary_pos_emb_on_projection_views(dtype, heads):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hq, hkv = heads
+    bsz, length, dim = 2, 3, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(hq * 10 + hkv)
+    # as the attention makes them: [B, L, H * D] projections viewed as [B, H, L, D]
+    q = torch.randn(bsz, length, hq * dim, device=DEVICE, generator=gen).to(dtype).view(bsz, length, hq, dim)
+    k = torch.randn(bsz, length, hkv * dim, device=DEVICE, generator=gen).to(dtype).view(bsz, length, hkv, dim)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    angle = torch.randn(bsz, length, dim // 2, device=DEVICE, generator=gen) * 3
+    emb = torch.cat([angle, angle], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    assert fused.rope_supported(q, k, cos)
+    q_out, k_out = fused.rope(q, k, cos, sin)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(q_out, q_ref, rtol=0, atol=0)  # each product and the sum rounded as torch does
+    torch.testing.assert_close(k_out, k_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_the_llama_mlp_activation(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    gate = (torch.randn(5, 37, device=DEVICE, generator=gen) * 4).to(dtype)
+    up = torch.randn(5, 37, device=DEVICE, generator=gen).to(dtype)
+    out = fused.silu_mul(gate, up)
+    ref = torch.nn.functional.silu(gate) * up
+    assert ulps_apart(out, ref) <= (4.0 if dtype == torch.float32 else 1.0)  # exp may differ in its last bits
+
+
+def test_append_token_writes_what_the_torch_cache_write_writes():
+    """Sink positions, ring slots before and after the ring wraps, and a padding row (position -1)."""
+    alpha, beta, sink, min_span = [6.0, 3.0, 40.0], [0.0, 0.25, 0.0], 4, 8
+    bsz, hkv, dim = 4, 3, 16
+    for start in (2, 5, 30):  # first position written: inside the sink, just past it, after the ring wrapped
+        layers = [cache_mod.MoaCacheLayer(alpha, beta, sink, min_span, max_cache_len=48) for _ in range(2)]
+        gen = torch.Generator(device=DEVICE).manual_seed(start)
+        prompt_k = torch.randn(bsz, hkv, start, dim, device=DEVICE, generator=gen)
+        prompt_v = torch.randn_like(prompt_k)
+        q_pos = torch.arange(start, device=DEVICE).expand(bsz, -1).clone()
+        q_pos[3] = -1  # a row that is all padding so far
+        for layer in layers:
+            layer.write(prompt_k, prompt_v, q_pos)
+        for step in range(12):  # decode steps, the ring wraps on the way
+            key = torch.randn(bsz, hkv, 1, dim, device=DEVICE, generator=gen)
+            value = torch.randn_like(key)
+            pos = torch.full((bsz, 1), start + step, device=DEVICE)
+            pos[3] = -1 if step < 3 else step - 3  # padding, then the row starts
+            layers[0].write(key, value, pos)
+            layers[1].write_token(key, value, pos[:, 0], fused.append_token)
+            for name in ("keys", "values", "slot_pos", "next_pos"):
+                torch.testing.assert_close(getattr(layers[1], name), getattr(layers[0], name), rtol=0, atol=0)
+            assert layers[1].seq_len == layers[0].seq_len
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 2), ("mistral", 4)])
+def test_fused_stack_equals_the_transformers_layers(monkeypatch, arch, kv):
+    """Prefill and decode steps of a MoA model: fused kernels on vs MOA_FUSED=0, same logits and cache."""
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    dtype = torch.float32
+    dense = build_dense(arch, num_kv_heads=kv, seed=1)
+    moa = build_moa(dense, random_plan(dense.config.num_hidden_layers, kv, seed=2)).to(DEVICE, dtype)
+    assert moa.model._fusable_stack()
+    ids = torch.randint(3, dense.config.vocab_size, (2, 12), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MOA_FUSED", flag)
+        cache = cache_mod.MoaCache(moa.config, max_cache_len=16)
+        with torch.inference_mode():
+            logits = [moa(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+            nxt = logits[-1].argmax(-1, keepdim=True)
+            for _ in range(3):
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                logits.append(moa(nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1])
+                nxt = logits[-1].argmax(-1, keepdim=True)
+        mask = mask[:, :12]
+        results[flag] = (torch.stack(logits), cache.layers[0].keys.clone(), cache.layers[-1].slot_pos.clone())
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["1"][1], results["0"][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["1"][2], results["0"][2], rtol=0, atol=0)
+
+
+def test_fused_path_is_off_where_it_must_be(monkeypatch):
+    """No fused kernels on the torch backend, with MOA_FUSED=0, or when a gradient is needed."""
+    model_mod = remote_module("moa_model")
+    x = torch.randn(2, 3, device=DEVICE, requires_grad=True)
+    monkeypatch.setenv("MOA_BACKEND", "torch")
+    assert model_mod._fused_for(x.detach()) is None
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    assert model_mod._fused_for(x.detach()) is fused
+    assert model_mod._fused_for(x) is None  # autograd would need a backward the kernels do not have
+    with torch.no_grad():
+        assert model_mod._fused_for(x) is fused
+    monkeypatch.setenv("MOA_FUSED", "0")
+    assert model_mod._fused_for(x.detach()) is None
