@@ -157,9 +157,10 @@ def static_from(model, dyn, bsz: int, max_len: int) -> StaticCache:
         shape = (bsz, *src.keys.shape[1:2], 1, src.keys.shape[-1])
         probe = torch.empty(shape, dtype=src.keys.dtype, device=DEV)  # src lives on the host (to_host)
         dst.lazy_initialization(probe, probe)
-        for row in range(bsz):  # src is on the host (to_host)
-            dst.keys[row, :, :length].copy_(src.keys[0])
-            dst.values[row, :, :length].copy_(src.values[0])
+        for name in ("keys", "values"):  # src is on the host (to_host): upload row 0, broadcast on the device
+            out, row0 = getattr(dst, name), getattr(src, name)[0]
+            out[0, :, :length].copy_(row0)
+            out[1:, :, :length].copy_(out[:1, :, :length].expand(bsz - 1, -1, -1, -1))
         dst.cumulative_length.fill_(length)
     return cache
 
@@ -179,7 +180,7 @@ def to_host(cache):
 
 
 def expand_rows(host_cache, bsz: int):
-    """A GPU copy of a host batch-1 cache with bsz identical rows (row by row: no host-side expansion)."""
+    """A GPU copy of a host batch-1 cache with bsz identical rows (one upload, then a device-side broadcast)."""
     out = copy.copy(host_cache)
     out.layers = []
     for layer in host_cache.layers:
@@ -188,8 +189,8 @@ def expand_rows(host_cache, bsz: int):
             src = getattr(layer, name, None)
             if isinstance(src, torch.Tensor):
                 dst = torch.empty((bsz, *src.shape[1:]), dtype=src.dtype, device=DEV)
-                for row in range(bsz):
-                    dst[row].copy_(src[0])
+                dst[:1].copy_(src[:1])
+                dst[1:].copy_(dst[:1].expand(bsz - 1, *src.shape[1:]))
                 setattr(new, name, dst)
         out.layers.append(new)
     return out

@@ -22,15 +22,27 @@ from .moa_window import INTERPRETED
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice  # mul_rn (used only when compiled)
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs use the transformers ops
     triton = None
     tl = None
+    libdevice = None
     HAS_TRITON = False
 
 
 if HAS_TRITON:
+    # torch multiplies and adds in separate kernels; compiled, ``a * b + c`` would become one fused multiply-add
+    # (one rounding), so products that torch rounds on their own use mul_rn (the interpreter never fuses)
+    _ROUND_EACH = tl.constexpr(not INTERPRETED)
+
+    @triton.jit
+    def _mul(a, b):
+        if _ROUND_EACH:
+            return libdevice.mul_rn(a, b)
+        else:
+            return a * b
 
     @triton.jit
     def _rms_norm_kernel(
@@ -49,7 +61,7 @@ if HAS_TRITON:
         var = tl.sum(xf * xf, 0) / n_cols
         y = (xf * tl.math.rsqrt(var + eps)).to(X.dtype.element_ty).to(tl.float32)  # .to(input_dtype)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Out + row * stride_o + cols, (w * y).to(Out.dtype.element_ty), mask=mask)
+        tl.store(Out + row * stride_o + cols, _mul(w, y).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_heads(X, Out, b, t, sxb, sxh, sxt, sob, soh, sot, cos, sin, d, rot, sign, n_heads,
@@ -61,8 +73,8 @@ if HAS_TRITON:
         x = tl.load(base + d[None, :], mask=ok, other=0.0)
         xr = tl.load(base + rot[None, :], mask=ok, other=0.0).to(tl.float32) * sign[None, :]
         dt = Out.dtype.element_ty
-        a = (x.to(tl.float32) * cos[None, :]).to(dt).to(tl.float32)
-        c = (xr * sin[None, :]).to(dt).to(tl.float32)
+        a = _mul(x.to(tl.float32), cos[None, :]).to(dt).to(tl.float32)
+        c = _mul(xr, sin[None, :]).to(dt).to(tl.float32)
         tl.store(Out + b * sob + t * sot + h[:, None] * soh + d[None, :], (a + c).to(dt), mask=ok)
 
     @triton.jit
@@ -90,7 +102,7 @@ if HAS_TRITON:
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty).to(tl.float32)  # silu in the dtype, then * up
-        tl.store(Out + offs, (act * u).to(Out.dtype.element_ty), mask=mask)
+        tl.store(Out + offs, _mul(act, u).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _append_token_kernel(
