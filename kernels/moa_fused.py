@@ -45,6 +45,14 @@ if HAS_TRITON:
             return a * b
 
     @triton.jit
+    def _silu(x):
+        # torch's CUDA silu: x / (1 + expf(-x)) with an IEEE division; Triton's own exp and "/" are approximate
+        if _ROUND_EACH:
+            return libdevice.div_rn(x, 1.0 + libdevice.exp(-x))
+        else:
+            return x / (1.0 + tl.exp(-x))
+
+    @triton.jit
     def _rms_norm_kernel(
         X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
         HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
@@ -101,7 +109,7 @@ if HAS_TRITON:
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty).to(tl.float32)  # silu in the dtype, then * up
+        act = _silu(g).to(Out.dtype.element_ty).to(tl.float32)  # silu rounded to the dtype, then * up
         tl.store(Out + offs, _mul(act, u).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
