@@ -332,9 +332,10 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 
 
 def decode_candidate(candidate: tuple) -> dict:
-    """A DECODE_CONFIGS launch config from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits)."""
-    keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "fused_merge", "merge_splits")
-    return dict(zip(keys, candidate, strict=True))
+    """A DECODE_CONFIGS launch config from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits
+    [, split_cap])."""
+    keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "fused_merge", "merge_splits", "split_cap")
+    return dict(zip(keys[: len(candidate)], candidate, strict=True))
 
 
 def time_decode_candidates(cfg, n: int, bsz: int, density: float, candidates, entry: int, deadline=None) -> dict:
@@ -403,9 +404,10 @@ class BenchConfig(argparse.Namespace):
     prefill_n = (1024, 4096, 16384, 32768, 131072)
     check_n = 3000
     # one length per PREFILL_CONFIGS bucket (<= 2k, <= 8k, <= 32k, longer); one (n, batch) per DECODE_CONFIGS
-    # bucket (rows x slots <= 2**20, <= 2**24, more; slots ~ 8 heads x n x density 0.5: 131k, 2.1M, 33.5M)
+    # bucket (<= 2 rows; rows x slots <= 2**22, <= 2**24, more; slots ~ 8 heads x n x density 0.5: 131k, 2.1M,
+    # 8.4M, 33.5M)
     sweep_n = (1024, 4096, 16384, 65536)
-    sweep_decode = ((32768, 1), (32768, 16), (131072, 64))
+    sweep_decode = ((32768, 1), (32768, 16), (32768, 64), (131072, 64))
     sweep_rep_ms, prefill_rep_ms = 300, 1000
     # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),

@@ -210,10 +210,10 @@ if HAS_TRITON:
         )  # fmt: skip
 
 
-def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: int = 8) -> int:
-    """Slots per split: a power of two in [128, 4096] giving about programs_per_sm programs per SM (static shapes)."""
+def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: int = 8, cap: int = 4096) -> int:
+    """Slots per split: a power of two in [128, cap] giving about programs_per_sm programs per SM (static shapes)."""
     target = max(1, bsz * total_slots // (programs_per_sm * num_sms))
-    return int(min(4096, max(128, 1 << (target.bit_length() - 1))))
+    return int(min(cap, max(128, 1 << (target.bit_length() - 1))))
 
 
 @functools.cache
@@ -284,6 +284,8 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 2, "fused_merge": True,
                 "merge_splits": 16}),
+    (2**62, 2**22, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
+                    "merge_splits": 16}),
     (2**62, 2**24, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
                     "merge_splits": 16}),
     (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True,
@@ -309,7 +311,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     if config is None:
         config = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots)
     split_len = config.get("split_len") or decode_split_len(
-        bsz, total_slots, _num_sms(query.device), config["programs_per_sm"]
+        bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], config.get("split_cap", 4096)
     )
     work_head, work_split, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
     num_items = work_head.numel()
