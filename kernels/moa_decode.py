@@ -280,14 +280,16 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 # d=128 bf16: (most rows, most rows x cache slots, launch config), the first entry holding a call wins. Few rows
 # want few, long splits (the merge of many splits is serial per head); more rows, more splits. Winners of the H200
 # decode sweep of 2026-11-24 17:5x UTC (.gpu_stage sweep over BLOCK_N x warps x stages x programs per SM, at 8k/32k/128k
-# x 1 row, 8k/32k x 16 and 8k x 64 rows; RESULTS.md); benchmarks/bench_attention.py --sweep re-times one shape per entry.
+# x 1 row, 8k/32k x 16 and 8k x 64 rows; RESULTS.md); the third entry (memory-filling batches, as bench_e2e runs them)
+# from the 20:3x sweep at its batch shapes (4.6k x 371 ... 34.8k x 48 rows; sweep_decode.py ... e2e).
+# benchmarks/bench_attention.py --sweep re-times one shape per entry.
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 2, "fused_merge": True,
                 "merge_splits": 16}),
     (2**62, 2**22, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
                     "merge_splits": 16}),
-    (2**62, 2**24, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
-                    "merge_splits": 16}),
+    (2**62, 2**24, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16, "fused_merge": True,
+                    "merge_splits": 16, "split_cap": 4096}),
     (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True,
                     "merge_splits": 16}),
 ]  # fmt: skip
