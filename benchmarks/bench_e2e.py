@@ -31,6 +31,7 @@ import copy
 import datetime
 import functools
 import gc
+import importlib
 import json
 import statistics
 import sys
@@ -39,11 +40,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_attention import make_plan  # noqa: E402
-from moa_hub.apply import moa_twin, set_plan  # noqa: E402
+from moa_hub.apply import moa_twin, set_plan, sharing_twin  # noqa: E402
+from moa_hub.export import write_moa_folder  # noqa: E402
+from moa_hub.model_folder import read_model_folder  # noqa: E402
 from moa_hub.plan import MoaPlan, uniform_like  # noqa: E402
 from moa_hub.remote import remote_module  # noqa: E402
 
@@ -56,12 +59,16 @@ SHAPES = {
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=512, rope_theta=10000.0),
 }  # fmt: skip
-cache_mod = remote_module("moa_cache")
-loop_mod = remote_module("moa_generate")
-model_mod = remote_module("moa_model")
+def code_of(moa, name: str):
+    """Module ``name`` of the remote code the MoA model was built from (moa-hub's, or a loaded folder's copy:
+    its MoaCache is another class, and the model accepts only its own)."""
+    package = type(moa).__module__.rpartition(".")[0]
+    return importlib.import_module(f"{package}.{name}") if package else remote_module(name)
 
 
 def log(*parts) -> None:
@@ -79,14 +86,19 @@ def cleanup() -> None:
         torch.cuda.empty_cache()
 
 
+def dense_classes(name: str):
+    return (Qwen2Config, Qwen2ForCausalLM) if name.startswith("qwen") else (LlamaConfig, LlamaForCausalLM)
+
+
 def build(name: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
+    config_cls, model_cls = dense_classes(name)
+    config = config_cls(
         **SHAPES[name], max_position_embeddings=262144, tie_word_embeddings=False, attn_implementation="sdpa",
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     with torch.device(DEV):
-        model = LlamaForCausalLM(config).to(DTYPE)
+        model = model_cls(config).to(DTYPE)
     model.generation_config.pad_token_id = 0
     return model.eval().requires_grad_(False)
 
@@ -238,8 +250,8 @@ def run_dense(model, method: str, dyn, prompt, bsz: int, *, total: int, steps: i
 
 # -- MoA ------------------------------------------------------------------------------------------------
 def moa_prefill(moa, ids: torch.Tensor, total: int):
-    cache = cache_mod.MoaCache(moa.config, max_cache_len=total)
-    kw = model_mod.cache_argument(type(moa).forward)
+    cache = code_of(moa, "moa_cache").MoaCache(moa.config, max_cache_len=total)
+    kw = code_of(moa, "moa_model").cache_argument(type(moa).forward)
     with torch.inference_mode():
         logits = moa(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1]
     return cache, logits.argmax(-1)
@@ -248,7 +260,7 @@ def moa_prefill(moa, ids: torch.Tensor, total: int):
 def run_moa(moa, cache1, first, bsz: int, *, steps: int, repeats: int):
     cache = expand_rows(cache1, bsz)
     warm = 3
-    loop = loop_mod.MoaDecodeLoop(moa, cache, max_steps=warm + steps * repeats)
+    loop = code_of(moa, "moa_generate").MoaDecodeLoop(moa, cache, max_steps=warm + steps * repeats)
     loop.prime(first.expand(bsz), cache.layers[0].next_pos)
     return time_steps(lambda: loop.run(warm), loop.run, steps, repeats)  # warm: eager step, capture, replay
 
@@ -295,6 +307,23 @@ def release_compiled(model) -> None:
     except (ImportError, AttributeError):
         pass
     cleanup()
+
+
+def load_converted(dense, plan: MoaPlan, workdir: Path):
+    """The MoA model through the public API: ``dense`` saved, converted by moa-hub's exporter (config with the
+    plan, flat remote code, the same weight files), loaded with ``from_pretrained(trust_remote_code=True)``;
+    then a dense twin sharing the loaded weights (one copy on the GPU). Returns (dense, moa, seconds)."""
+    t0 = time.perf_counter()
+    dense.save_pretrained(workdir / "dense")
+    folder = write_moa_folder(read_model_folder(workdir / "dense"), plan, workdir / "moa", overwrite=True)
+    config, dense_cls = dense.config, type(dense)
+    del dense
+    cleanup()
+    moa = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=DTYPE, device_map=DEV)
+    moa.eval().requires_grad_(False)
+    dense = sharing_twin(dense_cls, config, moa)
+    dense.generation_config.pad_token_id = 0
+    return dense, moa, time.perf_counter() - t0
 
 
 def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weight_bytes: int) -> list[dict]:
@@ -412,6 +441,11 @@ def parse_args():
     )
     parser.add_argument("--prefill-lengths", default="4096,32768,131072")
     parser.add_argument("--smoke", action="store_true", help="tiny model and lengths (CPU check of the script)")
+    parser.add_argument(
+        "--from-folder", type=Path, default=None, metavar="WORKDIR",
+        help="save the dense model there, convert it with moa-hub's exporter and load the MoA model with "
+        "from_pretrained(trust_remote_code=True) (the public API; needs ~2x the weights of disk)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.smoke:
         args.model, args.contexts, args.steps, args.repeats = "tiny", "96+32,160+64", 4, 2
@@ -424,7 +458,14 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dense = build(args.model)
-    moa = moa_twin(dense, plans(dense, 4096)["moa-50"])
+    loaded = None
+    if args.from_folder:
+        dense, moa, seconds = load_converted(dense, plans(dense, 4096)["moa-50"], args.from_folder)
+        loaded = dict(folder=str(args.from_folder / "moa"), moa_class=type(moa).__module__ + "." + type(moa).__name__,
+                      save_convert_load_s=round(seconds, 1))  # fmt: skip
+        log(json.dumps(loaded))
+    else:
+        moa = moa_twin(dense, plans(dense, 4096)["moa-50"])
     copy_gbps = copy_bandwidth() if CUDA else 1.0
     embed = dense.get_input_embeddings().weight
     weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters()) - embed.numel() * embed.element_size()
@@ -433,7 +474,7 @@ def main() -> None:
     result["meta"] = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=args.model,
         gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
-        transformers=transformers.__version__, copy_GBps=round(copy_gbps, 1), weight_bytes=weight_bytes,
+        transformers=transformers.__version__, copy_GBps=round(copy_gbps, 1), weight_bytes=weight_bytes, loaded=loaded,
         args={k: str(v) for k, v in vars(args).items()},
     )  # fmt: skip
     save = lambda: (args.out / "e2e.json").write_text(json.dumps(result, indent=2))  # noqa: E731

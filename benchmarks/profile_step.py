@@ -66,7 +66,7 @@ def run_case(dense, moa, context: int, new: int, bsz: int, steps: int, fused: st
     cache1, first = e2e.moa_prefill(moa, prompt, total)
     cache1 = e2e.to_host(cache1)
     cache = e2e.expand_rows(cache1, bsz)
-    loop = e2e.loop_mod.MoaDecodeLoop(moa, cache, max_steps=3 + 5 * steps)
+    loop = e2e.code_of(moa, "moa_generate").MoaDecodeLoop(moa, cache, max_steps=3 + 5 * steps)
     loop.prime(first.expand(bsz), cache.layers[0].next_pos)
     loop.run(3)
     times = []

@@ -31,10 +31,18 @@ def moa_twin(dense: torch.nn.Module, plan: MoaPlan) -> torch.nn.Module:
     config = config_cls(**{**dense.config.to_dict(), "moa": plan.to_dict()})
     config._attn_implementation = dense.config._attn_implementation
     model_cls = getattr(remote_module(Path(arch.modeling_file).stem), arch.model_class)
+    return sharing_twin(model_cls, config, dense)
+
+
+def sharing_twin(model_cls, config, source: torch.nn.Module) -> torch.nn.Module:
+    """``model_cls(config)`` built on the meta device and given ``source``'s weight tensors and buffers (no copy).
+
+    Both models must name their parameters alike (a MoA model and its base architecture do, either way round).
+    """
     with torch.device("meta"):
         twin = model_cls(config)
-    twin.load_state_dict(dense.state_dict(), assign=True)
-    for name, buffer in dense.named_buffers():  # non-persistent buffers (RoPE frequencies) too
+    twin.load_state_dict(source.state_dict(), assign=True)
+    for name, buffer in source.named_buffers():  # non-persistent buffers (RoPE frequencies) too
         module_name, _, attr = name.rpartition(".")
         setattr(twin.get_submodule(module_name), attr, buffer)
     return twin.eval().requires_grad_(False)
