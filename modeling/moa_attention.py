@@ -8,10 +8,18 @@ in ``moa_prefill.py`` / ``moa_decode.py``. Both follow the contract in ``moa_spa
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
+# The kernel modules are imported here, by name, for two reasons: transformers copies a repo's remote code
+# by following its ``from .module import`` lines (a ``from . import module`` inside a function is not
+# followed, and the kernels would be missing from a loaded repo), and each module imports triton in a
+# try block, so a CPU-only install gets HAS_TRITON = False instead of an error.
 from .moa_cache import MoaCacheLayer
+from .moa_decode import HAS_TRITON as _DECODE_HAS_TRITON
+from .moa_fused import HAS_TRITON as _FUSED_HAS_TRITON
+from .moa_prefill import HAS_TRITON as _PREFILL_HAS_TRITON
 from .moa_reference import moa_attention_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -19,23 +27,19 @@ BACKENDS = ("auto", "torch", "triton")
 
 def _triton_kernels():
     """The Triton kernel modules, or None when triton (or a GPU / the interpreter) is not there."""
-    try:
-        from . import moa_decode, moa_prefill
-    except ImportError:
+    if not (_PREFILL_HAS_TRITON and _DECODE_HAS_TRITON):
         return None
-    if not (getattr(moa_prefill, "HAS_TRITON", False) and getattr(moa_decode, "HAS_TRITON", False)):
-        return None
+    from . import moa_decode, moa_prefill
+
     return moa_prefill, moa_decode
 
 
 def fused_kernels(tensor: torch.Tensor):
     """``moa_fused`` when its kernels run for this tensor and ``MOA_FUSED`` is not 0, else None."""
-    if os.environ.get("MOA_FUSED", "1").strip() == "0":
+    if not _FUSED_HAS_TRITON or os.environ.get("MOA_FUSED", "1").strip() == "0":
         return None
-    try:
-        from . import moa_fused
-    except ImportError:
-        return None
+    from . import moa_fused
+
     return moa_fused if moa_fused.available(tensor) else None
 
 
@@ -54,7 +58,24 @@ def select_backend(device: torch.device) -> str:
                 "install triton, or set MOA_BACKEND=torch"
             )
         return "triton"
-    return "triton" if device.type == "cuda" and _triton_kernels() is not None else "torch"
+    if device.type != "cuda":
+        return "torch"
+    if _triton_kernels() is None:
+        _warn_once(
+            "MoA runs its pure-torch reference on CUDA because triton is not installed (slow: it builds full "
+            "masks). Install triton (pip install triton) for the kernels, or set MOA_BACKEND=torch to silence this."
+        )
+        return "torch"
+    return "triton"
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 _RULES: dict = {}

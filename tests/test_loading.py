@@ -45,3 +45,33 @@ def test_loaded_model_runs_the_plan(exported):
     assert (loaded - dense_logits).abs().max() > 1e-3  # the plan is sparse, not silently dense
     out = model.generate(ids[:1], attention_mask=torch.ones(1, 29, dtype=torch.long), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 34)
+
+
+def test_loaded_repo_has_its_kernels_and_runs_them(exported, monkeypatch):
+    """transformers copies only the files a repo's remote code imports by name: the Triton kernels must be among
+    them, else a loaded model would fall back to the torch reference on the GPU. Under the interpreter (CPU), the
+    loaded copy runs its own kernels (MOA_BACKEND=triton) and agrees with the torch path."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    _, _, output = exported
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
+    package = type(model).__module__.rpartition(".")[0]
+    copied = {p.name for p in Path(sys.modules[package].__path__[0]).glob("*.py")}
+    own = type(model).__module__.rpartition(".")[2] + ".py"
+    shipped = {p.name for p in output.glob("*.py") if not p.name.startswith("modeling_moa_") or p.name == own}
+    shipped -= {"moa_influence.py"}  # the profiler's kernel: used by the converter only
+    assert shipped <= copied, f"not copied by transformers: {sorted(shipped - copied)}"
+    attention = importlib.import_module(f"{package}.moa_attention")
+    assert attention._triton_kernels() is not None
+    if not torch.cuda.is_available():
+        assert importlib.import_module(f"{package}.moa_window").INTERPRETED  # conftest set TRITON_INTERPRET=1
+    ids = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        monkeypatch.setenv("MOA_BACKEND", "torch")
+        ref = model(ids).logits
+        monkeypatch.setenv("MOA_BACKEND", "triton")
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
