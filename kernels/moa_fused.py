@@ -141,8 +141,12 @@ def available(tensor: torch.Tensor) -> bool:
     return HAS_TRITON and (tensor.is_cuda or INTERPRETED)
 
 
-def _warps(block: int) -> int:
-    return 1 if INTERPRETED else max(1, min(16, block // 512))
+def _warps(elements: int) -> int:
+    """Warps for a program handling ``elements`` values: a power of two in [1, 16] (~512 values per warp)."""
+    if INTERPRETED:
+        return 1
+    per_512 = max(1, elements // 512)
+    return min(16, 1 << (per_512.bit_length() - 1))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

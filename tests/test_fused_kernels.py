@@ -62,7 +62,7 @@ def test_rms_norm_matches_the_transformers_norm(dtype, cols):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 2)])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 2), (7, 1)])
 def test_rope_matches_apply_rotary_pos_emb_on_projection_views(dtype, heads):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -164,3 +164,11 @@ def test_fused_path_is_off_where_it_must_be(monkeypatch):
         assert model_mod._fused_for(x) is fused
     monkeypatch.setenv("MOA_FUSED", "0")
     assert model_mod._fused_for(x.detach()) is None
+
+
+def test_warps_are_powers_of_two_for_any_head_count(monkeypatch):
+    """Qwen2.5-7B has 28 query heads: 28 x 128 values per token must still give a power-of-two warp count."""
+    monkeypatch.setattr(fused, "INTERPRETED", False)
+    for elements in (28 * 128, 3584, 7 * 128, 100, 4096, 10**6):
+        warps = fused._warps(elements)
+        assert 1 <= warps <= 16 and warps & (warps - 1) == 0, (elements, warps)
