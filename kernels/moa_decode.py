@@ -73,43 +73,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _visible_part(first, stop, head_first, head_end, qp, lo, SINK: tl.constexpr):
-        """Narrow the split [first, stop) to the slots that can hold visible keys (the cache layout:
-        position p < SINK at head_first + p, later ones in a ring of cap - SINK slots, which holds the window).
+        """The slots of the split [first, stop) that can hold keys visible to the query at qp, as a virtual range.
 
-        Keys visible to the query at qp: the sink slots and the window positions [max(lo, SINK), qp], which
-        sit on one arc of the ring (two slot intervals when it wraps). Slots outside them are empty, evicted
-        or out of the window: a static cache sized for a longer generation and a growing cache's slack are
-        never read. The result is the bounding range of the visible slots inside the split (a gap inside
-        it is still read and masked), so correctness never depends on it.
+        Cache layout: position p < SINK at head_first + p, later ones in a ring of cap - SINK slots, which holds
+        the window. Keys visible at qp are the sink positions and the window [max(lo, SINK), qp], one arc of
+        the ring; relative to head_first they fill at most two slot intervals, [0, i_hi) and [j_lo, j_hi):
+        sink + arc end + arc start when the arc wraps, sink + arc when it does not. Slots between them are
+        empty, evicted or out of the window (a static cache sized for a longer generation, a growing cache's
+        slack, the ring's stale part) and are skipped, not read and masked.
+
+        Returns (v_first, v_stop, gap_at, gap_len): the kernel reads slot v + gap_len * (v >= gap_at) for v in
+        [v_first, v_stop). Every key read is still masked by its position, so correctness never depends on this.
         """
         ring = tl.maximum(head_end - head_first - SINK, 1)
         s0 = first - head_first
         s1 = stop - head_first
-        big = 2**62
-        # sink: [0, min(SINK, qp + 1))
-        i_lo = tl.maximum(s0, 0)
-        i_hi = tl.minimum(s1, tl.minimum(SINK, qp + 1))
-        lo_rel = tl.where(i_lo < i_hi, i_lo, big)
-        hi_rel = tl.where(i_lo < i_hi, i_hi, 0)
+        sink_end = tl.minimum(SINK, qp + 1)
         w_lo = tl.maximum(lo, SINK)
-        if qp >= w_lo:
-            a = (w_lo - SINK) % ring
-            e = (qp - SINK) % ring
-            wraps = a > e
-            # the arc's end part [SINK + a, SINK + (e if not wraps else ring - 1)] ...
-            j_lo = tl.maximum(s0, SINK + a)
-            j_hi = tl.minimum(s1, SINK + tl.where(wraps, ring, e + 1))
-            lo_rel = tl.where(j_lo < j_hi, tl.minimum(lo_rel, j_lo), lo_rel)
-            hi_rel = tl.where(j_lo < j_hi, tl.maximum(hi_rel, j_hi), hi_rel)
-            # ... and, when it wraps, its start [SINK, SINK + e]
-            k_lo = tl.maximum(s0, SINK)
-            k_hi = tl.minimum(s1, SINK + e + 1)
-            use = wraps & (k_lo < k_hi)
-            lo_rel = tl.where(use, tl.minimum(lo_rel, k_lo), lo_rel)
-            hi_rel = tl.where(use, tl.maximum(hi_rel, k_hi), hi_rel)
-        new_first = head_first + tl.where(lo_rel < hi_rel, lo_rel, s0)
-        new_stop = head_first + tl.where(lo_rel < hi_rel, hi_rel, s0)
-        return new_first, tl.where(stop > first, new_stop, new_first)
+        has_window = qp >= w_lo
+        a = (w_lo - SINK) % ring  # ring slot of the window's first position
+        e = (qp - SINK) % ring  # ring slot of the query's position (used only with a window, so qp >= SINK)
+        wraps = has_window & (a > e)
+        i_hi = tl.where(wraps, SINK + e + 1, sink_end)
+        j_lo = SINK + a
+        j_hi = tl.where(has_window, tl.where(wraps, SINK + ring, SINK + e + 1), j_lo)
+        x0 = tl.maximum(s0, 0)
+        n1 = tl.maximum(tl.minimum(s1, i_hi) - x0, 0)
+        y0 = tl.maximum(s0, j_lo)
+        n2 = tl.maximum(tl.minimum(s1, j_hi) - y0, 0)
+        v_first = tl.where(n1 > 0, x0, y0)
+        gap_len = tl.where((n1 > 0) & (n2 > 0), y0 - (x0 + n1), 0)
+        return head_first + v_first, head_first + v_first + n1 + n2, head_first + v_first + n1, gap_len
 
     @triton.jit
     def _moa_decode_split(
@@ -140,7 +134,7 @@ if HAS_TRITON:
         qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
         lo = window_edge(qp, tl.load(Alpha + g_safe).to(tl.float64), tl.load(Beta + g_safe).to(tl.float64),
                          SINK, MIN_SPAN)  # fmt: skip
-        first, stop = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
+        first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
         # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
         q_ptrs = Q + b * stride_qb + (g_safe * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
@@ -149,8 +143,9 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
         for start in range(first, stop, BLOCK_N):
-            slots = start + offs_n
-            ok = slots < stop
+            virtual = start + offs_n
+            ok = virtual < stop
+            slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
             kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
             k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
             v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])

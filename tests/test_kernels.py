@@ -225,6 +225,51 @@ def test_decode_reads_only_the_visible_arc_of_roomy_rings(name):
     assert rel_err(out, ref64) < 1e-5
 
 
+def ring_cases(cache, q_pos, lo, sink: int) -> set[str]:
+    """Which layouts the (row, kv head) pairs of a cache exercise: the window arc wraps, or not, past a gap."""
+    _, _, _, offsets, caps = cache
+    cases = set()
+    for b, qp in enumerate(q_pos.tolist()):
+        for g, cap in enumerate(caps.tolist()):
+            ring, w_lo = cap - sink, max(int(lo[b, g]), sink)
+            if qp < w_lo:
+                cases.add("no window")
+                continue
+            a, e = (w_lo - sink) % ring, (qp - sink) % ring
+            cases.add("wraps, gap" if a > e + 1 else "wraps" if a > e else "gap before the arc" if a > 0 else "arc")
+    return cases
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_decode_never_reads_a_slot_it_cannot_see(name):
+    """K and V of every slot the query cannot see (empty, evicted, out of the window, in the gap of a ring with
+    room) are NaN: one read of them would make the output NaN (p = 0 times NaN), so the kernel reads none."""
+    plan = PLANS[name]
+    alpha, beta = plan_tensors(plan)
+    lengths, head_dim = [150, 61, 3, 97, 118, 133], 16
+    keys = torch.randn(len(lengths), plan["hkv"], max(lengths), head_dim, device=DEVICE)
+    values = torch.randn_like(keys)
+    caps = cache_caps(plan, 5 * max(lengths) // 4, extra=[7, 0, 3, 11][: plan["hkv"]])
+    cache_k, cache_v, slot_pos, offsets, caps_t = build_cache(keys, values, lengths, caps, plan["sink"])
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    query = torch.randn(len(lengths), plan["hq"], 1, head_dim, device=DEVICE)
+    ref64 = decode.moa_decode_ref(query.double(), cache_k.double(), cache_v.double(), slot_pos, offsets, caps_t,
+                                  q_pos, *rule)  # fmt: skip
+    lo = prefill.window_lo(q_pos[:, None], alpha, beta, plan["sink"], plan["min_span"])[..., 0]  # [B, Hkv]
+    cases = ring_cases((cache_k, cache_v, slot_pos, offsets, caps_t), q_pos, lo, plan["sink"])
+    assert {"wraps, gap", "gap before the arc"} <= cases, cases  # the layouts with a gap inside the head
+    head_of_slot = torch.repeat_interleave(torch.arange(len(caps), device=DEVICE), caps_t.long())
+    lo_of_slot = torch.cat([lo[:, head_of_slot], torch.zeros_like(lo[:, :1])], dim=1)  # trash slot last
+    pos = slot_pos.long()
+    seen = (pos >= 0) & (pos <= q_pos[:, None]) & ((pos < plan["sink"]) | (pos >= lo_of_slot))
+    cache_k[~seen], cache_v[~seen] = float("nan"), float("nan")
+    out = decode.moa_decode(query, cache_k, cache_v, slot_pos, offsets, caps_t, q_pos, *rule)
+    assert not out.isnan().any()
+    assert rel_err(out, ref64) < 1e-5
+
+
 @needs_interpreter
 def test_kernels_run_triton_not_the_reference():
     probe = torch.zeros(1, device=DEVICE)
