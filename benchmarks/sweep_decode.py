@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 280     # seconds of budget; writes $OUT/sweep_decode.json
     PYTHONPATH=. python benchmarks/sweep_decode.py 120 8192x16@0.25,32768x1@0.5    # only these points
     PYTHONPATH=. python benchmarks/sweep_decode.py 200 9216x183@0.5,4608x371@0.5 e2e  # split caps too
+    PYTHONPATH=. python benchmarks/sweep_decode.py 200 32768x1@0.5,8192x16@0.25 small  # long splits, wide merges
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -25,6 +26,10 @@ POINTS = [(8192, 1, 0.5), (32768, 1, 0.5), (131072, 1, 0.5), (8192, 16, 0.5), (8
 # (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits)
 CANDIDATES = [(*c, True, 16) for c in itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8, 16, 32))]
 CANDIDATES += [(128, 8, 3, 8, True, 16), (64, 8, 4, 8, True, 16)]
+# few rows (batch 1, 8k x 16): fewer, longer splits than the main set (a shorter serial merge), wider merge steps
+SMALL_CANDIDATES = [
+    (*c, True, s) for c in itertools.product((32, 64), (2, 4, 8), (3,), (0.5, 1, 2, 4)) for s in (16, 32)
+]
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
                   for cap in (4096, 8192, 16384)]  # fmt: skip
@@ -47,8 +52,8 @@ def main() -> None:
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
-    if len(sys.argv) > 3 and sys.argv[3] == "e2e":
-        candidates = E2E_CANDIDATES
+    if len(sys.argv) > 3:
+        candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES}[sys.argv[3]]
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
                   for p in sys.argv[2].split(",")]  # fmt: skip

@@ -205,9 +205,12 @@ if HAS_TRITON:
         )  # fmt: skip
 
 
-def decode_split_len(bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: int = 8, cap: int = 4096) -> int:
-    """Slots per split: a power of two in [128, cap] giving about programs_per_sm programs per SM (static shapes)."""
-    target = max(1, bsz * total_slots // (programs_per_sm * num_sms))
+def decode_split_len(
+    bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: float = 8, cap: int = 4096
+) -> int:
+    """Slots per split: a power of two in [128, cap] giving about programs_per_sm programs per SM (static shapes;
+    a fraction below 1 asks for fewer, longer splits than SMs)."""
+    target = max(1, int(bsz * total_slots / (programs_per_sm * num_sms)))
     return int(min(cap, max(128, 1 << (target.bit_length() - 1))))
 
 

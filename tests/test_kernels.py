@@ -289,6 +289,14 @@ def test_decode_work_list_covers_every_slot_once():
     assert (head[int(count.sum()) :] == -1).all()
 
 
+def test_decode_split_len_is_a_power_of_two_for_fractional_programs_per_sm():
+    # 1 row x 131072 slots over 132 SMs: 2 programs per SM -> 496-slot target -> 256; half a program per SM -> 1024
+    assert decode.decode_split_len(1, 131072, 132, 2) == 256
+    assert decode.decode_split_len(1, 131072, 132, 0.5) == 1024
+    assert decode.decode_split_len(1, 2**30, 132, 0.5, cap=4096) == 4096  # capped
+    assert decode.decode_split_len(1, 100, 132, 0.5) == 128  # floor
+
+
 def test_window_lo_is_the_contract_edge():
     alpha, beta = torch.tensor([20.0, -7.0]), torch.tensor([0.0, 0.7])
     q_pos = torch.tensor([[-1, 0, 5, 6, 40, 41]])
