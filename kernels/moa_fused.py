@@ -9,7 +9,7 @@ where those ops do (so results match torch up to the order of the RMSNorm sum):
 - ``rms_norm(x, weight, eps, residual=None)``: ``weight * (h * rsqrt(mean(h^2) + eps)).to(dtype)``
   (Llama / Mistral / Qwen2 RMSNorm) of ``h = residual + x`` when a residual is given, returning (h, normed);
 - ``rope(q, k, cos, sin)``: ``x * cos + rotate_half(x) * sin`` for the query and key heads at once;
-- ``silu_mul(gate, up)``: ``silu(gate) * up`` (the Llama MLP's activation);
+- ``silu_mul(gate, up)``: ``silu(gate) * up`` (the Llama MLP's activation; gate and up may be row-strided views);
 - ``append_token(...)``: the cache write of one decode token per row (``MoaCacheLayer.write_token``).
 """
 
@@ -104,13 +104,15 @@ if HAS_TRITON:
         _rope_heads(K, KO, b, t, skb, skh, skt, skob, skoh, skot, cos, sin, d, rot, sign, n_k, BLOCK_HK, HEAD_DIM)
 
     @triton.jit
-    def _silu_mul_kernel(G, U, Out, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    def _silu_mul_kernel(G, U, Out, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+        # one program per (row, block of columns): gate and up may be the two halves of one joined projection
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         act = _silu(g).to(Out.dtype.element_ty).to(tl.float32)  # silu rounded to the dtype, then * up
-        tl.store(Out + offs, _mul(act, u).to(Out.dtype.element_ty), mask=mask)
+        tl.store(Out + row * stride_o + cols, _mul(act, u).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _append_token_kernel(
@@ -201,13 +203,21 @@ def rope_supported(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor) ->
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (each rounded to the dtype, as the two torch ops do)."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    block = 16 if INTERPRETED else 2048
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block,
-                                                         num_warps=_warps(block))  # fmt: skip
-    return out
+    """``silu(gate) * up`` (each rounded to the dtype, as the two torch ops do); a contiguous output.
+
+    gate/up: [..., I] with a contiguous last dim, any row stride (e.g. the halves of a joined gate/up GEMM).
+    """
+    shape, cols = gate.shape, gate.shape[-1]
+    g2, u2 = gate.reshape(-1, cols), up.reshape(-1, cols)  # views unless the leading dims do not merge
+    g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
+    u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()
+    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    block = min(2048, triton.next_power_of_2(cols))  # the interpreter too: one program per row there
+    if out.numel():
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(cols, block))](
+            g2, u2, out, cols, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block, num_warps=_warps(block),
+        )  # fmt: skip
+    return out.view(shape)
 
 
 def append_token(key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity, next_pos,

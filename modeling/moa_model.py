@@ -2,7 +2,8 @@
 
 - attention: same projections and RoPE, then ``moa_attention`` (per-head spans, ragged cache);
 - model: positions from the 2D padding mask (left padding does not count), a ``MoaCache``;
-- causal LM: ``generate()`` starts with a ``MoaCache``.
+- causal LM: ``generate()`` starts with a ``MoaCache``;
+- on the fused path, q/k/v and gate/up each run as one GEMM over weights joined in place (moa_projections.py).
 Everything else (weights, MLP, norms, heads, loss) is the base model's. Works with transformers
 5.x both before and after ``past_key_values`` was renamed ``cache``.
 """
@@ -18,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .moa_attention import fused_kernels, moa_attention, select_backend
 from .moa_cache import MoaCache
 from .moa_generate import greedy_generate
+from .moa_projections import SplitBeforeSaving, joined_linear
 
 
 @functools.cache
@@ -52,9 +54,11 @@ class MoaAttentionMixin:
         moa_positions = kwargs.pop("moa_positions")
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hq, L, D]
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, L, D]
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        joined = kwargs.pop("moa_joined_projections", False)  # set by _fused_stack
+        query, key, value = self._project_qkv(hidden_states, joined)  # [B, L, Hq * D], [B, L, Hkv * D] x 2
+        query = query.view(hidden_shape).transpose(1, 2)  # [B, Hq, L, D]
+        key = key.view(hidden_shape).transpose(1, 2)  # [B, Hkv, L, D]
+        value = value.view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         fused = _fused_for(query) if self.standard_rope else None
         if fused is not None and fused.rope_supported(query, key, cos):
@@ -69,6 +73,12 @@ class MoaAttentionMixin:
         )  # fmt: skip
         out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()  # [B, L, Hq * D]
         return self.o_proj(out), None
+
+    def _project_qkv(self, hidden_states, joined: bool):
+        """q, k, v projections; with ``joined``, one GEMM over the joined weights where possible (moa_projections)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        outputs = joined_linear(projections, hidden_states) if joined else None
+        return outputs if outputs is not None else tuple(proj(hidden_states) for proj in projections)
 
 
 def moa_positions(
@@ -97,7 +107,7 @@ def moa_positions(
     return position_ids.clamp(min=0), q_pos
 
 
-class MoaModelMixin:
+class MoaModelMixin(SplitBeforeSaving):
     """The decoder stack with MoA attention in every layer and a MoaCache."""
 
     moa_attention_class = None  # set by each architecture file
@@ -135,7 +145,8 @@ class MoaModelMixin:
         fused = _fused_for(inputs_embeds) if self._fusable_stack() else None
         if fused is not None:
             attn_kwargs = dict(position_embeddings=position_embeddings, attention_mask=None, position_ids=rope_ids,
-                               use_cache=use_cache, moa_positions=q_pos, **{cache_kw: cache}, **kwargs)  # fmt: skip
+                               use_cache=use_cache, moa_positions=q_pos, moa_joined_projections=True,
+                               **{cache_kw: cache}, **kwargs)  # fmt: skip
             hidden_states = _fused_stack(fused, layers, self.norm, inputs_embeds, attn_kwargs)
         else:
             hidden_states = inputs_embeds
@@ -183,11 +194,13 @@ def _fused_stack(fused, layers, final_norm, hidden: torch.Tensor, attn_kwargs: d
         norm = layer.post_attention_layernorm
         residual, normed = fused.rms_norm(attn, norm.weight, norm.variance_epsilon, residual=residual)
         mlp = layer.mlp
-        pending = mlp.down_proj(fused.silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)))
+        gate_up = joined_linear((mlp.gate_proj, mlp.up_proj), normed)  # one GEMM, two views of its output
+        gate, up = gate_up if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+        pending = mlp.down_proj(fused.silu_mul(gate, up))
     return fused.rms_norm(pending, final_norm.weight, final_norm.variance_epsilon, residual=residual)[1]
 
 
-class MoaForCausalLMMixin:
+class MoaForCausalLMMixin(SplitBeforeSaving):
     """generate() starts from a MoaCache sized for the whole generation (no regrowth while decoding)."""
 
     def generate(self, *args, **kwargs):

@@ -84,11 +84,19 @@ def test_rope_matches_apply_rotary_pos_emb_on_projection_views(dtype, heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_matches_the_llama_mlp_activation(dtype):
+@pytest.mark.parametrize("layout", ["apart", "joined"])
+def test_silu_mul_matches_the_llama_mlp_activation(dtype, layout):
+    """Separate tensors, and the two halves of one joined gate/up projection [B, L, 2 * I] (row-strided views)."""
     gen = torch.Generator(device=DEVICE).manual_seed(3)
-    gate = (torch.randn(5, 37, device=DEVICE, generator=gen) * 4).to(dtype)
-    up = torch.randn(5, 37, device=DEVICE, generator=gen).to(dtype)
+    if layout == "joined":
+        gate_up = torch.randn(2, 3, 74, device=DEVICE, generator=gen).to(dtype)
+        gate, up = (gate_up * torch.tensor([4.0] * 37 + [1.0] * 37, device=DEVICE).to(dtype)).split(37, dim=-1)
+        assert not gate.is_contiguous()
+    else:
+        gate = (torch.randn(5, 37, device=DEVICE, generator=gen) * 4).to(dtype)
+        up = torch.randn(5, 37, device=DEVICE, generator=gen).to(dtype)
     out = fused.silu_mul(gate, up)
+    assert out.shape == gate.shape and out.is_contiguous()
     ref = torch.nn.functional.silu(gate) * up
     assert ulps_apart(out, ref) <= (4.0 if dtype == torch.float32 else 1.0)  # exp may differ in its last bits
 
