@@ -326,6 +326,12 @@ def load_converted(dense, plan: MoaPlan, workdir: Path):
     return dense, moa, time.perf_counter() - t0
 
 
+def projections_joined(model) -> bool:
+    """Whether the first layer's q/k/v weights lie in one storage (the fused path ran them as one GEMM)."""
+    attn = next(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj"))
+    return attn.q_proj.weight.untyped_storage().data_ptr() == attn.k_proj.weight.untyped_storage().data_ptr()
+
+
 def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weight_bytes: int) -> list[dict]:
     total, mid = context + new, context + new // 2
     prompt = torch.randint(3, dense.config.vocab_size, (1, mid), device=DEV)
@@ -355,6 +361,8 @@ def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weig
             else:
                 fn = functools.partial(run_moa, moa, cache1, first, **timing)
             (times, warm_s), bsz = with_oom_retry(fn, bsz)
+            if not method.startswith("hf-"):
+                row["joined_projections"] = projections_joined(moa)
             step_s = statistics.median(times)
             must = weight_bytes + bsz * kv_bytes_must_read(dense.config, plan, mid)
             row.update(
