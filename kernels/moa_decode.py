@@ -279,10 +279,11 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 # want few, long splits (the merge of many splits is serial per head); more rows, more splits. Winners of the H200
 # decode sweep of 2026-11-24 17:5x UTC (.gpu_stage sweep over BLOCK_N x warps x stages x programs per SM, at 8k/32k/128k
 # x 1 row, 8k/32k x 16 and 8k x 64 rows; RESULTS.md); the third entry (memory-filling batches, as bench_e2e runs them)
-# from the 20:3x sweep at its batch shapes (4.6k x 371 ... 34.8k x 48 rows; sweep_decode.py ... e2e).
+# from the 20:3x sweep at its batch shapes (4.6k x 371 ... 34.8k x 48 rows; sweep_decode.py ... e2e); the first
+# (one or two rows) from the 21:4x sweep of longer splits (sweep_decode.py ... small: 32k / 128k x 1 rows, 7-16% faster).
 # benchmarks/bench_attention.py --sweep re-times one shape per entry.
 DECODE_CONFIGS = [
-    (2, 2**62, {"BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 2, "fused_merge": True,
+    (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
     (2**62, 2**22, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
                     "merge_splits": 16}),
