@@ -323,7 +323,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     counters = _split_counters(query.device, bsz * num_kv_heads) if fused else part_lse  # unused when not fused
     q = query[:, :, 0]  # [B, Hq, D]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    precision = "ieee" if query.dtype in (torch.float32, torch.float64) else "tf32"  # tf32 is for fp32 inputs only
     merge_g = triton.next_power_of_2(group)
     merge_splits = config.get("merge_splits", 8)  # splits merged per step: [merge_splits, group, D] fp32 at once
     part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))

@@ -223,7 +223,7 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
     else:
         cache_k, cache_v, slot_pos, head_off, head_cap = cache
         ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    precision = "ieee" if query.dtype in (torch.float32, torch.float64) else "tf32"  # tf32 is for fp32 inputs only
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
     _moa_prefill_fwd[grid](
         query, key, value, out, q_pos, alpha, beta,
