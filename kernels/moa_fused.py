@@ -139,8 +139,8 @@ if HAS_TRITON:
 
 
 def available(tensor: torch.Tensor) -> bool:
-    """The fused kernels run on CUDA tensors (or anywhere under TRITON_INTERPRET=1)."""
-    return HAS_TRITON and (tensor.is_cuda or INTERPRETED)
+    """The fused kernels run on CUDA tensors of 16/32-bit floats (or anywhere under TRITON_INTERPRET=1)."""
+    return HAS_TRITON and (INTERPRETED or (tensor.is_cuda and tensor.dtype != torch.float64))
 
 
 def _warps(elements: int) -> int:

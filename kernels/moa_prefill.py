@@ -34,8 +34,11 @@ except ImportError:  # CPU-only installs fall back to the torch reference
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """The Triton path runs on CUDA tensors, or on CPU tensors when imported under TRITON_INTERPRET=1."""
-    return HAS_TRITON and (tensor.is_cuda or INTERPRETED)
+    """The Triton path runs on CUDA tensors, or on CPU tensors when imported under TRITON_INTERPRET=1.
+
+    float64 on the GPU runs the torch reference (exact in float64): the kernels accumulate in float32.
+    """
+    return HAS_TRITON and (INTERPRETED or (tensor.is_cuda and tensor.dtype != torch.float64))
 
 
 if HAS_TRITON:

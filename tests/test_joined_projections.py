@@ -88,6 +88,8 @@ def prefill_and_decode(moa, steps: int = 2) -> torch.Tensor:
 def assert_same(out: torch.Tensor, ref: torch.Tensor) -> None:
     if INTERPRET:  # the CPU GEMM over the joined weights gives each output the same bits
         assert torch.equal(out, ref)
+    elif out.dtype == torch.float16:  # a wider GEMM may round differently: a few units in the last place
+        torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
     else:  # cuBLAS may pick another kernel for the wider GEMM (tolerance of the fused-stack test)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -142,16 +144,20 @@ def test_save_pretrained_after_a_joined_forward_reloads(tmp_path):
     assert all(joined(moa))
 
 
-@pytest.mark.parametrize("change", ["to_float64", "assign_state_dict", "new_parameter", "copy_in_place"])
+# a dtype change the fused path runs in: float64 under the interpreter; float64 on the GPU runs the torch reference
+OTHER_DTYPE = torch.float64 if INTERPRET else torch.float16
+
+
+@pytest.mark.parametrize("change", ["to_other_dtype", "assign_state_dict", "new_parameter", "copy_in_place"])
 def test_weights_replaced_after_joining_are_joined_again(monkeypatch, change):
     moa = tiny_moa("llama", biases=True)
     prefill_and_decode(moa, steps=1)
     attn = moa.model.layers[1].self_attn
     gen = torch.Generator().manual_seed(7)
     new_k = torch.randn(attn.k_proj.weight.shape, generator=gen).to(DEVICE) * 0.1
-    if change == "to_float64":
-        moa.to(torch.float64)
-        assert storage_bytes(moa) == 2 * sum(p.numel() * 4 for p in moa.parameters())  # no float32 copy kept
+    if change == "to_other_dtype":
+        moa.to(OTHER_DTYPE)
+        assert storage_bytes(moa) == sum(p.numel() * OTHER_DTYPE.itemsize for p in moa.parameters())  # no copy kept
     elif change == "assign_state_dict":
         state = {name: torch.randn(t.shape, generator=gen).to(DEVICE) * 0.1 for name, t in moa.state_dict().items()}
         moa.load_state_dict(state, assign=True)
@@ -164,7 +170,7 @@ def test_weights_replaced_after_joining_are_joined_again(monkeypatch, change):
     assert all(joined(moa)) == (change == "copy_in_place")
     out = prefill_and_decode(moa)
     assert all(joined(moa))
-    assert out.dtype == (torch.float64 if change == "to_float64" else torch.float32)
+    assert out.dtype == (OTHER_DTYPE if change == "to_other_dtype" else torch.float32)
     separate(monkeypatch)
     proj.split_projections(moa)
     assert_same(out, prefill_and_decode(moa))

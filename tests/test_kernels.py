@@ -126,6 +126,7 @@ PREFILL_CASES = [  # (plan, dtype, lengths, starts, width)
     ("gqa_sink5", torch.float16, [64, 17], [3, 0], 64),
     ("gqa_sink5", torch.float32, [20, 31], [70, 9], 33),
     ("gqa_sink0", torch.float32, [0, 29], [0, 4], 29),  # a row of padding only
+    ("gqa_sink5", torch.float64, [40, 23], [0, 2], 40),  # GPU: float64 runs the torch reference
 ]
 
 
@@ -180,7 +181,8 @@ def test_prefill_with_cache_matches_reference(name, dtype):
 
 @needs_interpreter
 @pytest.mark.parametrize("name,dtype", [("mha_sink4", torch.float32), ("gqa_sink0", torch.float16),
-                                        ("gqa_sink5", torch.float16), ("gqa_sink5", torch.bfloat16)])  # fmt: skip
+                                        ("gqa_sink5", torch.float16), ("gqa_sink5", torch.bfloat16),
+                                        ("gqa_sink0", torch.float64)])  # fmt: skip
 def test_decode_matches_reference(name, dtype):
     skip_bf16_on_interpreter(dtype)
     plan = PLANS[name]

@@ -68,7 +68,9 @@ def test_loaded_repo_has_its_kernels_and_runs_them(exported, monkeypatch):
     assert attention._triton_kernels() is not None
     if not torch.cuda.is_available():
         assert importlib.import_module(f"{package}.moa_window").INTERPRETED  # conftest set TRITON_INTERPRET=1
-    ids = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU host the kernels run on the GPU
+    model = model.to(device)
+    ids = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(5)).to(device)
     with torch.no_grad():
         monkeypatch.setenv("MOA_BACKEND", "torch")
         ref = model(ids).logits
