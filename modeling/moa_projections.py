@@ -30,14 +30,18 @@ logger = logging.getLogger(__name__)
 _global_hooks = vars(torch.nn.modules.module)  # hooks registered for every module (register_module_forward_hook)
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # attributes joined, per module that has them
+# Above this many tokens per call (a prefill chunk) the projections run apart: their GEMMs are compute-bound there,
+# so one GEMM gains nothing, and its [tokens, sum N] output would keep q, k and v (gate and up) alive together.
+JOINED_MAX_TOKENS = 2048
 
 
 def joined_linear(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """``tuple(m(x) for m in linears)`` computed as one GEMM (outputs are views of one [..., sum N] tensor).
 
-    Joins the weights on first use; None (run the modules instead) where they cannot be joined.
+    Joins the weights on first use; None (run the modules instead) where they cannot be joined, or for more than
+    ``JOINED_MAX_TOKENS`` tokens.
     """
-    if not all(_plain(m) for m in linears):
+    if x.shape[:-1].numel() > JOINED_MAX_TOKENS or not all(_plain(m) for m in linears):
         return None
     if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
         return None  # autograd would need gradients of the Parameters, not of the joined view

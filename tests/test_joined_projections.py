@@ -110,6 +110,22 @@ def test_joined_projections_equal_the_separate_ones(monkeypatch, arch, biases):
     assert_same(out, ref)  # (test_fused_kernels runs MOA_FUSED=0 on joined weights against the fused path)
 
 
+def test_a_long_prefill_runs_the_projections_apart(monkeypatch):
+    """Above JOINED_MAX_TOKENS tokens (a prefill chunk) the separate GEMMs run; decode steps join."""
+    moa = tiny_moa("qwen2")
+    with monkeypatch.context() as patch:
+        separate(patch)
+        ref = prefill_and_decode(moa)
+    monkeypatch.setattr(proj, "JOINED_MAX_TOKENS", 8)  # the prefill has 2 x 11 tokens, a decode step 2
+    ids, mask = ragged_batch()
+    with torch.no_grad():
+        moa(ids, attention_mask=mask, use_cache=False)
+    assert not any(joined(moa))
+    out = prefill_and_decode(moa)
+    assert all(joined(moa))
+    assert_same(out, ref)
+
+
 def test_joining_keeps_the_weights_memory_and_parameters():
     moa = tiny_moa("qwen2")
     params = dict(moa.named_parameters())
