@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -129,10 +130,17 @@ def hub_env(tmp_path: Path, endpoint: str, token: str = "") -> dict:
 CLI = "import sys; from moa_hub import cli; cli.COMMAND_MODULES[:] = ['hub']; cli.main(sys.argv[1:])"
 
 
+def _default_sigint() -> None:
+    # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # the CLI under test gets the default disposition, as from a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        [sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, preexec_fn=_default_sigint,
+    )  # fmt: skip
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
