@@ -21,6 +21,7 @@ passed through the model's forward kwargs (``moa_influence_store=store``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -243,20 +244,23 @@ def influence_blocks_triton(
     query, key, value, grad_out = (t.contiguous() for t in (query, key, value, grad_out))
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, Hq, L]
     per_head = torch.zeros(bsz, num_q_heads, nb, nb, dtype=torch.float32, device=query.device)
-    _influence_fwd[(nb, num_q_heads, bsz)](
-        query, key, value, grad_out, delta, per_head,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        delta.stride(0), delta.stride(1),
-        per_head.stride(0), per_head.stride(1), per_head.stride(2),
-        seq_len, scale,
-        GROUP=num_q_heads // num_kv_heads, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
-        INTERPRET_BLOCKS=0 if query.is_cuda else nb,
-        DOT_PRECISION="ieee" if query.dtype in (torch.float32, torch.float64) else "tf32",
-        num_warps=4, num_stages=2,
-    )  # fmt: skip
+    # Triton launches on the current device and stream: make them the tensors' (a layer of a model sharded
+    # with device_map over several GPUs may run while another GPU is current)
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        _influence_fwd[(nb, num_q_heads, bsz)](
+            query, key, value, grad_out, delta, per_head,
+            query.stride(0), query.stride(1), query.stride(2),
+            key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            delta.stride(0), delta.stride(1),
+            per_head.stride(0), per_head.stride(1), per_head.stride(2),
+            seq_len, scale,
+            GROUP=num_q_heads // num_kv_heads, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
+            INTERPRET_BLOCKS=0 if query.is_cuda else nb,
+            DOT_PRECISION="ieee" if query.dtype in (torch.float32, torch.float64) else "tf32",
+            num_warps=4, num_stages=2,
+        )  # fmt: skip
     return per_head.sum(0).reshape(num_kv_heads, -1, nb, nb).sum(1)
 
 
