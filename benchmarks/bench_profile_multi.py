@@ -236,12 +236,13 @@ def worker(args) -> None:
     if ranks.world > 1:
         tag = f"{stage} rank {ranks.rank}"
     shape = model_shape(args.tiny)
-    dtype = torch.float32 if cpu else torch.bfloat16
+    dtype = torch.float32 if cpu else getattr(torch, args.dtype)
     stage_dir = Path(args.work)
     json_path = Path(args.json)
     record: dict = {
         "stage": stage,
         "status": "running",
+        "dtype": str(dtype).removeprefix("torch."),
         "world": ranks.world,
         "pid": os.getpid(),
         "lengths": {},
@@ -413,7 +414,7 @@ def stage_command(stage: str, args, stage_lengths: list[int], estimates: dict[in
     flags = ["--worker", stage, "--work", str(args.work / stage), "--json", str(args.out / f"{stage}.json")]
     flags += ["--lengths", *map(str, stage_lengths), "--items", str(args.items), "--answer", str(args.answer)]
     flags += ["--warmup-len", str(args.warmup_len), "--block-size", str(args.block_size), "--seed", str(args.seed)]
-    flags += ["--stop-at", f"{stop_at:.3f}"]
+    flags += ["--stop-at", f"{stop_at:.3f}", "--dtype", args.dtype]
     if estimates:
         flags += ["--estimates", ",".join(f"{n}:{s:.1f}" for n, s in estimates.items())]
     if args.tiny:
@@ -683,6 +684,10 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-len", type=int, default=None, help="warm-up item length (default 256; --tiny 64)")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+        help="weights and activations on the GPU (float32: the run-to-run noise of the bf16 backward drops out)",
+    )  # fmt: skip
     parser.add_argument("--nproc", type=int, default=2, help="data-parallel ranks of the dp2 stage")
     parser.add_argument("--deadline-s", type=float, default=250.0, help="the whole run ends within this (seconds)")
     parser.add_argument("--reserve-s", type=float, default=12.0, help="kept back for the comparison at the end")
