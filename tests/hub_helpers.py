@@ -130,17 +130,19 @@ def hub_env(tmp_path: Path, endpoint: str, token: str = "") -> dict:
 CLI = "import sys; from moa_hub import cli; cli.COMMAND_MODULES[:] = ['hub']; cli.main(sys.argv[1:])"
 
 
-def _default_sigint() -> None:
-    # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
-    # the CLI under test gets the default disposition, as from a terminal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def cli_process(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, preexec_fn=_default_sigint,
-    )  # fmt: skip
+    # a shell's background job starts with SIGINT ignored; a child would inherit that, and Python then installs no
+    # KeyboardInterrupt handler. A handled signal is reset to the default across exec, so hand the child that.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if ignored else None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
