@@ -20,7 +20,7 @@ import torch
 from .moa_prefill import gather_head_slots, use_triton
 from .moa_reference import moa_attention_ref
 from .moa_tensor_cache import TensorMemo
-from .moa_window import INTERPRETED
+from .moa_window import INTERPRETED, dot_precision
 
 try:
     import triton
@@ -323,7 +323,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     counters = _split_counters(query.device, bsz * num_kv_heads) if fused else part_lse  # unused when not fused
     q = query[:, :, 0]  # [B, Hq, D]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    precision = "ieee" if query.dtype in (torch.float32, torch.float64) else "tf32"  # tf32 is for fp32 inputs only
+    precision = dot_precision(query.dtype)
     merge_g = triton.next_power_of_2(group)
     merge_splits = config.get("merge_splits", 8)  # splits merged per step: [merge_splits, group, D] fp32 at once
     part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))

@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .moa_window import dot_precision
+
 try:
     import triton
     import triton.language as tl
@@ -258,7 +260,7 @@ def influence_blocks_triton(
             seq_len, scale,
             GROUP=num_q_heads // num_kv_heads, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
             INTERPRET_BLOCKS=0 if query.is_cuda else nb,
-            DOT_PRECISION="ieee" if query.dtype in (torch.float32, torch.float64) else "tf32",
+            DOT_PRECISION=dot_precision(query.dtype),
             num_warps=4, num_stages=2,
         )  # fmt: skip
     return per_head.sum(0).reshape(num_kv_heads, -1, nb, nb).sum(1)

@@ -17,7 +17,7 @@ import torch
 from .moa_reference import moa_attention_ref
 from .moa_spans import window_at
 from .moa_tensor_cache import TensorMemo
-from .moa_window import BIG, INTERPRETED, window_lo  # noqa: F401 (window_lo: the torch reference, re-exported)
+from .moa_window import BIG, INTERPRETED, dot_precision, window_lo  # noqa: F401 (window_lo: the torch reference, re-exported)
 
 try:
     import triton
@@ -226,7 +226,7 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
     else:
         cache_k, cache_v, slot_pos, head_off, head_cap = cache
         ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
-    precision = "ieee" if query.dtype in (torch.float32, torch.float64) else "tf32"  # tf32 is for fp32 inputs only
+    precision = dot_precision(query.dtype)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
     _moa_prefill_fwd[grid](
         query, key, value, out, q_pos, alpha, beta,

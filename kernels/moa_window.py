@@ -37,6 +37,11 @@ BIG = 2**40  # "no window edge" for padding queries (positions are far below thi
 INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot``: IEEE for 32/64-bit inputs (tf32 applies to fp32 only)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
 def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> torch.Tensor:
     """First visible window position per (row, kv head, query): ``i - W(i + 1) + 1``; huge for padding.
 

@@ -114,8 +114,9 @@ def moa_attention(
     backend = select_backend(query.device)
     a, b = _rules(alpha, beta, query.device)
     if layer is not None and layer.is_initialized and layer.seq_len > 0 and query.shape[2] == 1:
-        if backend == "triton" and fused_kernels(query) is not None:
-            layer.write_token(key, value, q_pos[:, 0], fused_kernels(query).append_token)  # one launch
+        fused = fused_kernels(query) if backend == "triton" else None
+        if fused is not None:
+            layer.write_token(key, value, q_pos[:, 0], fused.append_token)  # one launch
         else:
             layer.write(key, value, q_pos)  # a single token never evicts a key of its own window
         return _decode(query, layer, q_pos[:, 0], a, b, sink, min_span, scale, backend)
