@@ -64,6 +64,8 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=512, rope_theta=10000.0),
 }  # fmt: skip
+
+
 def code_of(moa, name: str):
     """Module ``name`` of the remote code the MoA model was built from (moa-hub's, or a loaded folder's copy:
     its MoaCache is another class, and the model accepts only its own)."""

@@ -9,6 +9,8 @@ items (``importance="gradient"``) in three stages, each its own process:
               the ranks check that their weights are identical (checksums all-gathered)
   device_map  one process, the model sharded over both GPUs by transformers' own device_map="auto"
               computation and dispatched with accelerate hooks (as ``from_pretrained(device_map="auto")`` does)
+  repeat      the single stage again: how far two runs of the same profile are from each other (0 with the
+              default deterministic attention backward; ``--nondeterministic`` shows SDPA's default backward)
 
 Each stage warms up (a short item: Triton compile), then times ``profile_model`` per length (CUDA-synchronised
 wall time of the whole call; per item = wall / items). The driver then compares each stage's
@@ -52,7 +54,7 @@ from bench_profile import LLAMA3_8B, TINY, environment  # noqa: E402
 
 from moa_hub.profile import CalibrationItem, ProfileConfig, load_profile, profile_model  # noqa: E402
 
-STAGES = ("single", "dp2", "device_map")
+STAGES = ("single", "dp2", "device_map", "repeat")
 MODEL_NAME = "random-llama-3-8b-shape"
 REL_ERR_MAX = 1e-3  # the issue: influence equal to the single-GPU run's
 DP_RATIO_MAX = 0.6  # the issue: dp2 time per item <= 0.6 x single
@@ -243,6 +245,7 @@ def worker(args) -> None:
         "stage": stage,
         "status": "running",
         "dtype": str(dtype).removeprefix("torch."),
+        "deterministic": not args.nondeterministic,
         "world": ranks.world,
         "pid": os.getpid(),
         "lengths": {},
@@ -304,7 +307,11 @@ def worker(args) -> None:
 
         def run(length: int, items: list[CalibrationItem], work: Path) -> tuple[float, Path]:
             config = ProfileConfig(
-                lengths=(length,), block_size=args.block_size, model_name=MODEL_NAME, importance="gradient"
+                lengths=(length,),
+                block_size=args.block_size,
+                model_name=MODEL_NAME,
+                importance="gradient",
+                deterministic=not args.nondeterministic,
             )
             _sync(devices)
             ranks.barrier()
@@ -417,6 +424,8 @@ def stage_command(stage: str, args, stage_lengths: list[int], estimates: dict[in
     flags += ["--stop-at", f"{stop_at:.3f}", "--dtype", args.dtype]
     if estimates:
         flags += ["--estimates", ",".join(f"{n}:{s:.1f}" for n, s in estimates.items())]
+    if args.nondeterministic:
+        flags.append("--nondeterministic")
     if args.tiny:
         flags.append("--tiny")
     if args.cpu:
@@ -688,6 +697,9 @@ def parse_args(argv=None):
         "--dtype", choices=("bfloat16", "float32"), default="bfloat16",
         help="weights and activations on the GPU (float32: the run-to-run noise of the bf16 backward drops out)",
     )  # fmt: skip
+    parser.add_argument(
+        "--nondeterministic", action="store_true", help="profile with SDPA's default (atomic) attention backward"
+    )
     parser.add_argument("--nproc", type=int, default=2, help="data-parallel ranks of the dp2 stage")
     parser.add_argument("--deadline-s", type=float, default=250.0, help="the whole run ends within this (seconds)")
     parser.add_argument("--reserve-s", type=float, default=12.0, help="kept back for the comparison at the end")

@@ -275,11 +275,16 @@ def influence_blocks(*tensors: torch.Tensor, block_size: int, scale: float | Non
 
 
 class InfluenceStore:
-    """Per-run accumulator: layer index -> [Hkv, nb, nb] block sums (kept on the layer's device)."""
+    """Per-run accumulator: layer index -> [Hkv, nb, nb] block sums (kept on the layer's device).
 
-    def __init__(self, block_size: int = 64, backend: str = "auto") -> None:
+    ``deterministic``: the attention gradients recomputed in each layer's backward use PyTorch's deterministic
+    algorithms (SDPA's default CUDA backwards accumulate in an order that changes from run to run), so a
+    profile gives the same influence every time it runs."""
+
+    def __init__(self, block_size: int = 64, backend: str = "auto", deterministic: bool = True) -> None:
         self.block_size = block_size
         self.backend = backend
+        self.deterministic = deterministic
         self.sums: dict[int, torch.Tensor] = {}
 
     def add(self, layer_idx: int, blocks: torch.Tensor) -> None:
@@ -300,11 +305,33 @@ def _pad_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, extra, 0, extra))
 
 
+def _per_query_head(t: torch.Tensor, group: int) -> torch.Tensor:
+    # [B, Hkv, L, D] -> [B, Hkv * group, L, D], kv head h serving query heads h * group ... (an expand: its
+    # backward is a sum over the group, deterministic, where repeat_interleave's is an index_add)
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+
+
 def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     # query: [B, Hq, L, D], key/value: [B, Hkv, L, D]; K/V repeated per query head (one layer at a time)
     group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    key, value = _per_query_head(key, group), _per_query_head(value, group)
     return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(True)`` for the duration (raising, not warn-only: in warn-only mode
+    SDPA keeps its non-deterministic backward); the previous setting is restored."""
+    if not enabled:
+        yield
+        return
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 class _ProfiledAttention(torch.autograd.Function):
@@ -320,12 +347,12 @@ class _ProfiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out = ctx.saved_tensors
-        with torch.enable_grad():
+        store = ctx.store
+        with torch.enable_grad(), deterministic_algorithms(getattr(store, "deterministic", True)):
             leaves = [t.detach().requires_grad_(True) for t in (query, key, value)]
             recomputed = _causal_attention(*leaves, ctx.scale)
             grads = torch.autograd.grad(recomputed, leaves, grad_out)
         with torch.no_grad():
-            store = ctx.store
             blocks = influence_blocks(
                 query, key, value, out, grad_out, block_size=store.block_size, scale=ctx.scale, backend=store.backend
             )

@@ -52,6 +52,7 @@ class ProfileConfig:
     save_every: int = 8  # items per rank between partial saves
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (needed for long N)
     backend: str = "auto"  # influence kernel: auto (triton on CUDA) | torch | triton
+    deterministic: bool = True  # attention backward with deterministic algorithms: the same profile every run
     temperature: float = 1.0  # profiling loss: cross-entropy of logits / temperature on the answer tokens
     importance: str = "measured"  # gradient: the first-order profile | measured: scaled per head (sensitivity.py)
     sink: int = 64  # the measured rule (importance=measured): sink + a window of min_span - sink tokens
@@ -191,7 +192,7 @@ def _profile_length(model, items, length, config, work_dir, ranks) -> Path:
     shape = (text_config.num_hidden_layers, text_config.num_key_value_heads, nb, nb)
     total, done = _load_partial(partial_path(work_dir, length), shape, len(items), config)
     round_size = ranks.world * config.save_every
-    store = remote_module("moa_influence").InfluenceStore(config.block_size, config.backend)
+    store = remote_module("moa_influence").InfluenceStore(config.block_size, config.backend, config.deterministic)
     for start in range(done, len(items), round_size):
         stop = min(start + round_size, len(items))
         store.reset()

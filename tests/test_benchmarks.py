@@ -42,24 +42,26 @@ def test_profile_step_smoke(tmp_path):
 
 
 def test_bench_profile_multi_tiny_stages_agree(tmp_path):
-    """The three stages (one process, 2 gloo ranks through accelerate launch, accelerate-dispatched device_map)
-    build the same weights and reach the same influence; every stage's JSON and the summary are written."""
+    """The stages (one process, 2 gloo ranks through accelerate launch, accelerate-dispatched device_map, the
+    single run again) build the same weights and reach the same influence; every stage's JSON and the summary are
+    written."""
     out = tmp_path / "out"
     run_script(["benchmarks/bench_profile_multi.py", "--tiny", "--lengths", "128", "192", "--out", str(out)], tmp_path)
     result = json.loads((out / "profile_multi.json").read_text())
-    assert {s: result["stages"][s]["status"] for s in ("single", "dp2", "device_map")} == dict.fromkeys(
-        ("single", "dp2", "device_map"), "done"
-    )
+    stages = ("single", "dp2", "device_map", "repeat")
+    assert {s: result["stages"][s]["status"] for s in stages} == dict.fromkeys(stages, "done")
+    assert all(result["stages"][s]["result"]["deterministic"] is True for s in stages)
     dp2, sharded = result["stages"]["dp2"]["result"], result["stages"]["device_map"]["result"]
     assert dp2["world"] == 2 and dp2["weights_identical_across_ranks"] is True
     assert sharded["modules_with_accelerate_hooks"] > 0 and "model.layers.0" in sharded["hf_device_map"]
-    for stage in ("dp2", "device_map"):
+    for stage in stages[1:]:
         comp = result["compare"][stage]
         assert comp["weights_vs_single"]["equal"] is True
         for length in ("128", "192"):
             assert comp[length]["rel_err"] < 1e-5 and comp[length]["same_num_items"], comp
             assert comp[length]["time_ratio"] > 0
+    assert all(result["compare"]["repeat"][n]["rel_err"] == 0.0 for n in ("128", "192"))  # the same run, again
     assert {p.name for p in out.iterdir()} == {
         "profile_multi.json",
-        *(f"{s}.{ext}" for s in ("single", "dp2", "device_map") for ext in ("json", "log")),
+        *(f"{s}.{ext}" for s in stages for ext in ("json", "log")),
     }

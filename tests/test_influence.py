@@ -104,3 +104,59 @@ def test_store_grows_to_longer_items_and_sums():
     want = b.clone()
     want[:, :2, :2] += a
     torch.testing.assert_close(store.sums[0], want)
+
+
+def _profiled_backward(q, k, v, grad_out, store):
+    """Gradients of q, k, v and the store's block sums after one backward of the profiled attention."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = infl._ProfiledAttention.apply(*leaves, q.shape[-1] ** -0.5, store, 0)
+    out.backward(grad_out)
+    return [t.grad for t in leaves], store.sums[0]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_profiled_backward_runs_in_deterministic_mode_and_restores_it(monkeypatch, deterministic):
+    seen = []
+    real = infl._causal_attention
+
+    def spy(*args):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(infl, "_causal_attention", spy)
+    q, k, v, grad_out = random_attention_case(1, 4, 2, 37, 8, dtype=torch.float32, seed=11)
+    store = infl.InfluenceStore(block_size=16, backend="torch", deterministic=deterministic)
+    before = torch.are_deterministic_algorithms_enabled()
+    grads, _ = _profiled_backward(q, k, v, grad_out, store)
+    assert seen == [False, deterministic]  # the forward, then the recompute in backward
+    assert torch.are_deterministic_algorithms_enabled() == before
+    # the gradients are SDPA's over K/V expanded per query head (the expand's backward sums the group)
+    want = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    group = q.shape[1] // k.shape[1]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        want[0], want[1].repeat_interleave(group, 1), want[2].repeat_interleave(group, 1), is_causal=True
+    )
+    ref.backward(grad_out)
+    for got, leaf in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+def test_deterministic_mode_is_restored_after_an_error():
+    torch.use_deterministic_algorithms(False)
+    with pytest.raises(RuntimeError, match="boom"), infl.deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled()
+        raise RuntimeError("boom")
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_profiled_backward_is_bitwise_repeatable_on_gpu(dtype):
+    # long enough that SDPA's backward splits its work over many blocks (where its default order varies)
+    q, k, v, grad_out = (t.to("cuda", dtype) for t in random_attention_case(1, 32, 8, 2048, 128, seed=13))
+    runs = [_profiled_backward(q, k, v, grad_out, infl.InfluenceStore(64, "auto", True)) for _ in range(3)]
+    for grads, sums in runs[1:]:
+        for got, want in zip(grads, runs[0][0], strict=True):
+            assert torch.equal(got, want)
+        assert torch.equal(sums, runs[0][1])
