@@ -202,22 +202,26 @@ def rope_supported(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor) ->
     )  # fmt: skip
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (each rounded to the dtype, as the two torch ops do); a contiguous output.
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` (each rounded to the dtype, as the two torch ops do).
 
-    gate/up: [..., I] with a contiguous last dim, any row stride (e.g. the halves of a joined gate/up GEMM).
+    gate/up: [..., I] with a contiguous last dim, any row stride (e.g. the halves of a joined gate/up GEMM). The
+    output is a new contiguous tensor, or with ``in_place`` written over ``gate`` and returned (same strides): each
+    element is read before it is written, by the same program, so no extra [..., I] buffer is needed.
     """
     shape, cols = gate.shape, gate.shape[-1]
     g2, u2 = gate.reshape(-1, cols), up.reshape(-1, cols)  # views unless the leading dims do not merge
+    if in_place and (g2.stride(-1) != 1 or g2.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr()):
+        in_place = False  # reshape copied (or a copy follows): writing it would not reach gate
     g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
     u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()
-    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    out = g2 if in_place else torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     block = min(2048, triton.next_power_of_2(cols))  # the interpreter too: one program per row there
     if out.numel():
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(cols, block))](
             g2, u2, out, cols, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block, num_warps=_warps(block),
         )  # fmt: skip
-    return out.view(shape)
+    return gate if in_place else out.view(shape)
 
 
 def append_token(key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity, next_pos,

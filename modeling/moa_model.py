@@ -190,14 +190,24 @@ def _fused_stack(fused, layers, final_norm, hidden: torch.Tensor, attn_kwargs: d
         if pending is not None:
             norm = layer.input_layernorm
             residual, normed = fused.rms_norm(pending, norm.weight, norm.variance_epsilon, residual=residual)
+            pending = None
         attn, _ = layer.self_attn(normed, **attn_kwargs)
         norm = layer.post_attention_layernorm
         residual, normed = fused.rms_norm(attn, norm.weight, norm.variance_epsilon, residual=residual)
-        mlp = layer.mlp
-        gate_up = joined_linear((mlp.gate_proj, mlp.up_proj), normed)  # one GEMM, two views of its output
-        gate, up = gate_up if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
-        pending = mlp.down_proj(fused.silu_mul(gate, up))
+        del attn  # no tensor outlives its use here: a long prefill chunk's activations are GiBs each
+        pending = _fused_mlp(fused, layer.mlp, normed)
     return fused.rms_norm(pending, final_norm.weight, final_norm.variance_epsilon, residual=residual)[1]
+
+
+def _fused_mlp(fused, mlp, normed: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) holding at most two [tokens, intermediate] tensors (eager torch holds three):
+    silu * up is written over the gate output, and gate / up are released before the down projection."""
+    gate_up = joined_linear((mlp.gate_proj, mlp.up_proj), normed)  # one GEMM, two views of its output
+    gate, up = gate_up if gate_up is not None else (mlp.gate_proj(normed), mlp.up_proj(normed))
+    del gate_up
+    act = fused.silu_mul(gate, up, in_place=True)
+    del gate, up
+    return mlp.down_proj(act)
 
 
 class MoaForCausalLMMixin(SplitBeforeSaving):

@@ -95,10 +95,22 @@ def test_silu_mul_matches_the_llama_mlp_activation(dtype, layout):
     else:
         gate = (torch.randn(5, 37, device=DEVICE, generator=gen) * 4).to(dtype)
         up = torch.randn(5, 37, device=DEVICE, generator=gen).to(dtype)
+    ref = torch.nn.functional.silu(gate) * up
     out = fused.silu_mul(gate, up)
     assert out.shape == gate.shape and out.is_contiguous()
-    ref = torch.nn.functional.silu(gate) * up
     assert ulps_apart(out, ref) <= (4.0 if dtype == torch.float32 else 1.0)  # exp may differ in its last bits
+    up_before = up.clone()
+    written = fused.silu_mul(gate, up, in_place=True)  # over gate (for joined: the first half of each row)
+    assert written is gate and torch.equal(gate, out) and torch.equal(up, up_before)
+
+
+def test_silu_mul_in_place_falls_back_when_gate_cannot_be_flattened_in_place():
+    base = torch.randn(4, 6, 10, device=DEVICE)
+    gate, up = base.transpose(0, 1), torch.randn(6, 4, 10, device=DEVICE)  # [6, 4, 10]: reshape(-1, 10) copies
+    before = gate.clone()
+    out = fused.silu_mul(gate, up, in_place=True)
+    assert out is not gate and torch.equal(gate, before)
+    torch.testing.assert_close(out, torch.nn.functional.silu(before) * up, rtol=1e-5, atol=1e-6)
 
 
 def test_append_token_writes_what_the_torch_cache_write_writes():
@@ -157,6 +169,32 @@ def test_fused_stack_equals_the_transformers_layers(monkeypatch, arch, kv):
     torch.testing.assert_close(results["1"][0], results["0"][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results["1"][1], results["0"][1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results["1"][2], results["0"][2], rtol=0, atol=0)
+
+
+def test_fused_stack_frees_each_mlp_activation_before_the_next_one(monkeypatch):
+    """At a prefill chunk's size every [tokens, intermediate] tensor is GiBs: when the down projection runs, only the
+    activation (written over the gate output) is alive, and no layer's MLP tensors live on into the next layer."""
+    import weakref
+
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    dense = build_dense("llama", num_kv_heads=2, seed=1)
+    moa = build_moa(dense, random_plan(dense.config.num_hidden_layers, 2, seed=2)).to(DEVICE, torch.float32)
+    outputs: list = []  # weak references to every gate / up projection output
+    live_at: dict[str, list[int]] = {"down": [], "gate": []}
+
+    def live() -> int:
+        return sum(ref() is not None for ref in outputs)
+
+    for layer in moa.model.layers:  # hooks also keep the projections apart (a hooked Linear is never joined)
+        layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a: live_at["gate"].append(live()))
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: live_at["down"].append(live()))
+    ids = torch.randint(3, dense.config.vocab_size, (2, 12), device=DEVICE)
+    with torch.inference_mode():
+        moa(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    layers = dense.config.num_hidden_layers
+    assert live_at == {"down": [1] * layers, "gate": [0] * layers}
 
 
 def test_fused_path_is_off_where_it_must_be(monkeypatch):
