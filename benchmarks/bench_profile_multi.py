@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 T_START = time.time()  # the deadline counts from here (before the slow imports of torch and transformers)
@@ -50,9 +51,11 @@ for _path in (str(ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from bench_profile import LLAMA3_8B, TINY, environment  # noqa: E402
 
 from moa_hub.profile import CalibrationItem, ProfileConfig, load_profile, profile_model  # noqa: E402
+from moa_hub.profile_runtime import Ranks  # noqa: E402
 
 STAGES = ("single", "dp2", "device_map", "repeat")
 MODEL_NAME = "random-llama-3-8b-shape"
@@ -218,15 +221,36 @@ def _parse_estimates(text: str | None) -> dict[int, float]:
     return {int(k): float(v) for k, v in (part.split(":") for part in text.split(",") if part)}
 
 
-def worker(args) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("moa_hub").setLevel(logging.INFO)
-    import torch.distributed as dist
+@dataclass
+class StageRun:
+    """One process of a stage (one rank of it under accelerate launch) and the record it writes: rank 0 writes it
+    to ``--json`` after every step, so a time-out keeps what was measured."""
 
-    from moa_hub.profile_runtime import Ranks
+    args: argparse.Namespace
+    ranks: Ranks
+    cpu: bool
+    local_rank: int
+    device: torch.device  # this rank's device
+    dtype: torch.dtype
+    shape: dict
+    tag: str  # the prefix of every log line: the stage, and the rank when there are several
+    record: dict
 
+    @property
+    def lead(self) -> bool:
+        return self.ranks.rank == 0
+
+    def save(self) -> None:
+        if self.lead:
+            _write_json(Path(self.args.json), self.record)
+
+    def say(self, message: str) -> None:
+        print(f"[{self.tag}] {message}", flush=True)
+
+
+def start_stage(args) -> StageRun:
+    """Bind this rank's GPU, join the process group (under accelerate launch) and open the stage's record."""
     stage = args.worker
-    tag = stage
     cpu = args.cpu or args.tiny
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not cpu:
@@ -234,13 +258,8 @@ def worker(args) -> None:
             raise SystemExit("no CUDA device: run with --cpu (or --tiny)")
         torch.cuda.set_device(local_rank)  # before the process group: NCCL binds each rank to cuda:LOCAL_RANK
     ranks = Ranks.current()  # joins the process group under accelerate launch
-    lead = ranks.rank == 0
-    if ranks.world > 1:
-        tag = f"{stage} rank {ranks.rank}"
-    shape = model_shape(args.tiny)
+    tag = f"{stage} rank {ranks.rank}" if ranks.world > 1 else stage
     dtype = torch.float32 if cpu else getattr(torch, args.dtype)
-    stage_dir = Path(args.work)
-    json_path = Path(args.json)
     record: dict = {
         "stage": stage,
         "status": "running",
@@ -251,160 +270,204 @@ def worker(args) -> None:
         "lengths": {},
         "argv": sys.argv[1:],
     }
+    device = torch.device("cpu") if cpu else torch.device("cuda", local_rank)
+    return StageRun(args, ranks, cpu, local_rank, device, dtype, model_shape(args.tiny), tag, record)
 
-    def save() -> None:
-        if lead:
-            _write_json(json_path, record)
 
+def record_environment(run: StageRun) -> None:
+    """Software and devices, and the process group this rank reduces in (its backend, device, NCCL version)."""
+    record, ranks = run.record, run.ranks
+    record["env"] = environment(run.device)
+    record["local_rank"] = run.local_rank
+    record["rank_device"] = str(run.device)
+    record["reduce_device"] = str(ranks.device)
+    record["backend"] = dist.get_backend() if dist.is_initialized() else None
+    if not run.cpu:
+        record["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        record["nccl"] = str(torch.cuda.nccl.version()) if ranks.world > 1 else None
+        if ranks.world > 1 and ranks.device != run.device:
+            raise RuntimeError(f"rank {ranks.rank} reduces on {ranks.device}, not its own {run.device}")
+
+
+def build_for_stage(run: StageRun) -> tuple[torch.nn.Module, list[torch.device]]:
+    """The stage's model (sharded by device_map="auto" for the device_map stage, else whole on this rank's device)
+    and the devices its parameters are on; records how long the build took and where the weights went."""
+    start = time.perf_counter()
+    if run.args.worker == "device_map":
+        if run.ranks.world != 1:
+            raise RuntimeError("the device_map stage runs as one process")
+        model, device_map, source = build_sharded_model(run.shape, run.dtype, run.args.seed, run.cpu)
+        devices = sorted({p.device for p in model.parameters()}, key=str)
+        record_device_map(run.record, model, device_map, source)
+    else:
+        model = build_model(run.shape, run.dtype, run.device, run.args.seed)
+        devices = [run.device]
+    _sync(devices)
+    run.record["build_s"] = time.perf_counter() - start
+    run.record["param_devices"] = [str(d) for d in devices]
+    run.record["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    return model, devices
+
+
+def record_device_map(record: dict, model, device_map: dict, source: str) -> None:
+    record["hf_device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+    record["device_map_source"] = source
+    per_device: dict[str, int] = {}
+    for v in device_map.values():
+        per_device[str(v)] = per_device.get(str(v), 0) + 1
+    record["modules_per_device"] = per_device
+    record["modules_with_accelerate_hooks"] = sum(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def check_weights_across_ranks(run: StageRun, sums: dict[str, list[float]]) -> None:
+    """Every rank must hold the same model: all-gather the checksums and record whether they agree."""
+    mine = torch.tensor([v for name in sorted(sums) for v in sums[name]], dtype=torch.float64)
+    mine = mine.to(run.ranks.device)
+    gathered = [torch.zeros_like(mine) for _ in range(run.ranks.world)]
+    dist.all_gather(gathered, mine)
+    run.record["weights_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
+    run.record["weights_max_abs_diff_across_ranks"] = max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+def profile_timed(
+    run: StageRun, model, devices: list[torch.device], length: int, items: list[CalibrationItem], work: Path
+) -> tuple[float, Path]:
+    """``profile_model`` on one length, every rank starting together: synchronised wall seconds, profile file."""
+    config = ProfileConfig(
+        lengths=(length,),
+        block_size=run.args.block_size,
+        model_name=MODEL_NAME,
+        importance="gradient",
+        deterministic=not run.args.nondeterministic,
+    )
+    _sync(devices)
+    run.ranks.barrier()
+    _sync(devices)
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
+    t0 = time.perf_counter()
+    path = profile_model(model, {length: items}, config, work)[length]
+    _sync(devices)
+    return time.perf_counter() - t0, path
+
+
+def warm_up(run: StageRun, model, devices: list[torch.device]) -> None:
+    """Triton compile, cuBLAS handles: one short item per rank, not timed."""
+    warm = run.args.warmup_len
+    items = make_items(warm, run.ranks.world, 16, run.shape["vocab_size"], run.args.seed + 1)
+    seconds, _ = profile_timed(run, model, devices, warm, items, Path(run.args.work) / "warmup")
+    run.record["warmup_s"] = seconds
+    run.say(f"warm-up {seconds:.1f} s")
+    run.save()
+
+
+def deadline_skips(run: StageRun, length: int, estimates: dict[int, float]) -> bool:
+    """Whether this length would end after ``--stop-at`` (rank 0's estimate, the same decision on every rank)."""
+    skip = 0.0
+    if run.args.stop_at and run.lead:
+        need = estimates.get(length, 0.0)
+        if time.time() + need > run.args.stop_at:
+            skip = 1.0
+    flag = torch.tensor([skip], device=run.ranks.device)
+    run.ranks.all_reduce(flag)  # the same decision on every rank
+    return float(flag) > 0
+
+
+def time_length(run: StageRun, model, devices: list[torch.device], length: int, estimates: dict[int, float]) -> None:
+    """Profile ``--items`` items of one length and record the time, or why there is none (skipped, error)."""
+    args = run.args
+    row: dict = {"items": args.items}
+    run.record["lengths"][str(length)] = row
+    if deadline_skips(run, length, estimates):
+        row.update(status="skipped", reason=f"deadline: needs ~{estimates.get(length, 0):.0f} s")
+        run.say(f"{length}: skipped (deadline)")
+        run.save()
+        return
+    items = make_items(length, args.items, args.answer, run.shape["vocab_size"], args.seed)
+    row["status"] = "running"  # what a time-out leaves
+    run.save()
     try:
-        if cpu:
-            device = torch.device("cpu")
-        else:
-            device = torch.device("cuda", local_rank)
-        record["env"] = environment(device)
-        record["local_rank"] = local_rank
-        record["rank_device"] = str(device)
-        record["reduce_device"] = str(ranks.device)
-        record["backend"] = dist.get_backend() if dist.is_initialized() else None
-        if not cpu:
-            record["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            record["nccl"] = str(torch.cuda.nccl.version()) if ranks.world > 1 else None
-            if ranks.world > 1 and ranks.device != device:
-                raise RuntimeError(f"rank {ranks.rank} reduces on {ranks.device}, not its own {device}")
-        save()
+        seconds, path = profile_timed(run, model, devices, length, items, Path(args.work))
+    except Exception as err:
+        row.update(status="error", error=repr(err)[:500], traceback=traceback.format_exc()[-2000:])
+        run.say(f"{length}: {err!r}")
+        if not run.cpu:
+            torch.cuda.empty_cache()
+        run.save()
+        if run.ranks.world > 1:
+            raise  # the other ranks wait in a collective: end the stage
+        return
+    record_timing(run, row, seconds, path, devices)
+    run.say(f"{length}: {seconds:.2f} s for {args.items} items ({seconds / args.items:.3f} s/item)")
+    run.save()
 
-        start = time.perf_counter()
-        if stage == "device_map":
-            if ranks.world != 1:
-                raise RuntimeError("the device_map stage runs as one process")
-            model, device_map, source = build_sharded_model(shape, dtype, args.seed, cpu)
-            devices = sorted({p.device for p in model.parameters()}, key=str)
-            record["hf_device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
-            record["device_map_source"] = source
-            per_device: dict[str, int] = {}
-            for v in device_map.values():
-                per_device[str(v)] = per_device.get(str(v), 0) + 1
-            record["modules_per_device"] = per_device
-            record["modules_with_accelerate_hooks"] = sum(hasattr(m, "_hf_hook") for m in model.modules())
-        else:
-            model = build_model(shape, dtype, device, args.seed)
-            devices = [device]
-        _sync(devices)
-        record["build_s"] = time.perf_counter() - start
-        record["param_devices"] = [str(d) for d in devices]
-        record["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+
+def record_timing(run: StageRun, row: dict, seconds: float, path: Path, devices: list[torch.device]) -> None:
+    """One length's times (every rank's, gathered), peak memory and, on rank 0, a first look at the influence."""
+    args, ranks = run.args, run.ranks
+    times = torch.tensor([seconds], dtype=torch.float64, device=ranks.device)
+    per_rank = [torch.zeros_like(times) for _ in range(ranks.world)]
+    if ranks.world > 1:
+        dist.all_gather(per_rank, times)
+    else:
+        per_rank = [times]
+    row.update(
+        status="done",
+        seconds=seconds,
+        seconds_per_item=seconds / args.items,
+        seconds_per_rank=[float(t) for t in per_rank],
+        items_per_rank=[len(range(r, args.items, ranks.world)) for r in range(ranks.world)],
+        peak_gib={str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in devices if d.type == "cuda"},
+        profile=str(path),
+    )
+    if run.lead:
+        influence, meta = load_profile(path)
+        row["influence_shape"] = list(influence.shape)
+        row["influence_norm"] = float(influence.double().norm())
+        row["influence_finite"] = bool(torch.isfinite(influence).all())
+        row["num_items_meta"] = meta.get("num_items")
+
+
+def leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the results are written; an unclean exit changes nothing
+            pass
+
+
+def worker(args) -> None:
+    """One stage in this process: build the model, check it, warm up, then time each length."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("moa_hub").setLevel(logging.INFO)
+    run = start_stage(args)
+    try:
+        record_environment(run)
+        run.save()
+        model, devices = build_for_stage(run)
         sums = checksums(model)
-        record["checksums"] = sums
-        if ranks.world > 1:  # every rank must hold the same model
-            mine = torch.tensor([v for name in sorted(sums) for v in sums[name]], dtype=torch.float64)
-            mine = mine.to(ranks.device)
-            gathered = [torch.zeros_like(mine) for _ in range(ranks.world)]
-            dist.all_gather(gathered, mine)
-            record["weights_identical_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
-            record["weights_max_abs_diff_across_ranks"] = max(float((g - gathered[0]).abs().max()) for g in gathered)
-        print(f"[{tag}] built in {record['build_s']:.1f} s on {record['param_devices']}", flush=True)
-        save()
-
-        def run(length: int, items: list[CalibrationItem], work: Path) -> tuple[float, Path]:
-            config = ProfileConfig(
-                lengths=(length,),
-                block_size=args.block_size,
-                model_name=MODEL_NAME,
-                importance="gradient",
-                deterministic=not args.nondeterministic,
-            )
-            _sync(devices)
-            ranks.barrier()
-            _sync(devices)
-            for d in devices:
-                if d.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(d)
-            t0 = time.perf_counter()
-            path = profile_model(model, {length: items}, config, work)[length]
-            _sync(devices)
-            return time.perf_counter() - t0, path
-
-        # warm-up (Triton compile, cuBLAS handles): one short item per rank, not timed
-        warm = args.warmup_len
-        seconds, _ = run(
-            warm, make_items(warm, ranks.world, 16, shape["vocab_size"], args.seed + 1), stage_dir / "warmup"
-        )
-        record["warmup_s"] = seconds
-        print(f"[{tag}] warm-up {seconds:.1f} s", flush=True)
-        save()
-
-        stop_at = args.stop_at
+        run.record["checksums"] = sums
+        if run.ranks.world > 1:
+            check_weights_across_ranks(run, sums)
+        run.say(f"built in {run.record['build_s']:.1f} s on {run.record['param_devices']}")
+        run.save()
+        warm_up(run, model, devices)
         estimates = _parse_estimates(args.estimates)
         for length in args.lengths:
-            row: dict = {"items": args.items}
-            record["lengths"][str(length)] = row
-            skip = 0.0
-            if stop_at and lead:
-                need = estimates.get(length, 0.0)
-                if time.time() + need > stop_at:
-                    skip = 1.0
-            flag = torch.tensor([skip], device=ranks.device)
-            ranks.all_reduce(flag)  # the same decision on every rank
-            if float(flag) > 0:
-                row.update(status="skipped", reason=f"deadline: needs ~{estimates.get(length, 0):.0f} s")
-                print(f"[{tag}] {length}: skipped (deadline)", flush=True)
-                save()
-                continue
-            items = make_items(length, args.items, args.answer, shape["vocab_size"], args.seed)
-            row["status"] = "running"  # what a time-out leaves
-            save()
-            try:
-                seconds, path = run(length, items, stage_dir)
-            except Exception as err:
-                row.update(status="error", error=repr(err)[:500], traceback=traceback.format_exc()[-2000:])
-                print(f"[{tag}] {length}: {err!r}", flush=True)
-                if not cpu:
-                    torch.cuda.empty_cache()
-                save()
-                if ranks.world > 1:
-                    raise  # the other ranks wait in a collective: end the stage
-                continue
-            times = torch.tensor([seconds], dtype=torch.float64, device=ranks.device)
-            per_rank = [torch.zeros_like(times) for _ in range(ranks.world)]
-            if ranks.world > 1:
-                dist.all_gather(per_rank, times)
-            else:
-                per_rank = [times]
-            row.update(
-                status="done",
-                seconds=seconds,
-                seconds_per_item=seconds / args.items,
-                seconds_per_rank=[float(t) for t in per_rank],
-                items_per_rank=[len(range(r, args.items, ranks.world)) for r in range(ranks.world)],
-                peak_gib={str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in devices if d.type == "cuda"},
-                profile=str(path),
-            )
-            if lead:
-                influence, meta = load_profile(path)
-                row["influence_shape"] = list(influence.shape)
-                row["influence_norm"] = float(influence.double().norm())
-                row["influence_finite"] = bool(torch.isfinite(influence).all())
-                row["num_items_meta"] = meta.get("num_items")
-            print(
-                f"[{tag}] {length}: {seconds:.2f} s for {args.items} items ({seconds / args.items:.3f} s/item)",
-                flush=True,
-            )
-            save()
-        record["status"] = "done"
-        save()
+            time_length(run, model, devices, length, estimates)
+        run.record["status"] = "done"
+        run.save()
     except BaseException as err:
-        record["status"] = "error"
-        record["error"] = repr(err)[:500]
-        record["traceback"] = traceback.format_exc()[-3000:]
-        save()
+        run.record["status"] = "error"
+        run.record["error"] = repr(err)[:500]
+        run.record["traceback"] = traceback.format_exc()[-3000:]
+        run.save()
         raise
     finally:
-        if dist.is_available() and dist.is_initialized() and record["status"] == "done":
-            try:
-                dist.barrier()
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - the results are written; an unclean exit changes nothing
-                pass
+        if run.record["status"] == "done":
+            leave_process_group()
 
 
 # ----------------------------------------------------------------------------------------------- driver
