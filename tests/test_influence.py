@@ -59,22 +59,22 @@ def test_torch_influence_is_independent_of_chunking():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def rerun_under_interpreter(request) -> bool:
+    """Without CUDA, run this test again in a process with TRITON_INTERPRET=1 (triton reads it at import).
+
+    Returns True when it did (the caller returns), False when the kernels can run here."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{request.node.name}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    return True
+
+
 @pytest.mark.skipif(infl.triton is None, reason="triton not installed")
-def test_triton_kernel_equals_autograd_formula():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        # triton reads TRITON_INTERPRET at import: run this test again in a process with the interpreter on
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"{__file__}::{test_triton_kernel_equals_autograd_formula.__name__}",
-        ]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+def test_triton_kernel_equals_autograd_formula(request):
+    if rerun_under_interpreter(request):
         return
     q, k, v, grad_out = random_attention_case(1, 4, 2, 45, 16, seed=3)
     out, want = autograd_reference(q, k, v, grad_out, 16)
@@ -160,3 +160,86 @@ def test_profiled_backward_is_bitwise_repeatable_on_gpu(dtype):
         for got, want in zip(grads, runs[0][0], strict=True):
             assert torch.equal(got, want)
         assert torch.equal(sums, runs[0][1])
+
+
+# --- the fused backward (moa_influence_bwd): dq, dk, dv and the influence blocks from two Triton kernels
+
+bwd = remote_module("moa_influence_bwd")
+needs_triton = pytest.mark.skipif(bwd.triton is None, reason="triton not installed")
+
+
+def causal_grads(q, k, v, grad_out):
+    """Causal attention's output and dq, dk, dv from autograd in float64 (K/V expanded per query head)."""
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    group = q.shape[1] // k.shape[1]
+    key, value = (t.repeat_interleave(group, 1) for t in leaves[1:])
+    out = torch.nn.functional.scaled_dot_product_attention(leaves[0], key, value, is_causal=True)
+    out.backward(grad_out.double())
+    return out.detach(), [t.grad for t in leaves]
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double().cpu()
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+FUSED_CASES = {  # bsz, query heads, kv heads, seq_len, block_size, dK/dV key_block, query_block
+    "mha-L45-bs16": (1, 2, 2, 45, 16, 32, 16),
+    "gqa2-L70-bs32": (1, 4, 2, 70, 32, 32, 32),
+    "gqa4-L16-batch2": (2, 4, 1, 16, 16, 16, 16),
+    "gqa4-L70-bs16": (1, 8, 2, 70, 16, 64, 16),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_backward_equals_autograd_and_torch_influence(request, case):
+    if rerun_under_interpreter(request):
+        return
+    bsz, num_q, num_kv, seq_len, block_size, key_block, query_block = FUSED_CASES[case]
+    q, k, v, grad_out = random_attention_case(bsz, num_q, num_kv, seq_len, 16, torch.float32, seed=seq_len + num_q)
+    out, want = causal_grads(q, k, v, grad_out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [t.float().to(device) for t in (q, k, v, out, grad_out)]
+    launch = bwd.BackwardLaunch(key_block=key_block, query_block=query_block)
+    *grads, blocks = bwd.attention_backward_with_influence(*args, block_size, launch=launch)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        assert got.dtype == torch.float32 and got.shape == ref.shape, name
+        assert rel_err(got, ref) < 1e-5, name  # float32 inputs, fp32 (ieee) dots
+    ref_blocks = infl.influence_blocks_torch(q.double(), k.double(), v.double(), out, grad_out.double(), block_size)
+    assert blocks.dtype == torch.float32 and blocks.shape == ref_blocks.shape
+    assert rel_err(blocks, ref_blocks) < 1e-5
+    assert torch.count_nonzero(blocks.triu(1)) == 0
+
+
+@needs_triton
+def test_fused_backward_names_bad_sizes():
+    q, k, v, grad_out = random_attention_case(1, 2, 1, 20, 24, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="head_dim=24"):
+        bwd.attention_backward_with_influence(q, k, v, q, grad_out, 16)
+    with pytest.raises(ValueError, match="block_size=48"):
+        bwd.attention_backward_with_influence(
+            q[..., :16], k[..., :16], v[..., :16], q[..., :16], grad_out[..., :16], 48
+        )
+    with pytest.raises(ValueError, match="query_block=64 must be <= key_block=32"):
+        bwd.BackwardLaunch(key_block=32, query_block=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_backward_bf16_on_gpu_is_as_close_as_sdpa_and_repeatable():
+    q, k, v, grad_out = random_attention_case(1, 8, 2, 1000, 128, torch.float32, seed=19)
+    out, want = causal_grads(q, k, v, grad_out)
+    args = [t.bfloat16().cuda() for t in (q, k, v, out, grad_out)]
+    runs = [bwd.attention_backward_with_influence(*args, 64) for _ in range(2)]
+    leaves = [t.detach().requires_grad_(True) for t in args[:3]]
+    sdpa_out = infl._causal_attention(*leaves, 128**-0.5)
+    sdpa_out.backward(args[4])
+    ref_blocks = infl.influence_blocks_torch(*(t.double() for t in (q, k, v, out, grad_out)), 64)
+    same_dtype_blocks = infl.influence_blocks_torch(*args, 64)
+    for name, got, ref, leaf in zip(("dq", "dk", "dv"), runs[0][:3], want, leaves, strict=True):
+        drift = rel_err(leaf.grad, ref)  # how far SDPA's own bf16 backward is from float64
+        assert rel_err(got, ref) < max(2 * drift, 1e-2), name
+    assert rel_err(runs[0][3], ref_blocks) < max(2 * rel_err(same_dtype_blocks, ref_blocks), 1e-2)
+    for got, again in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(got, again)
