@@ -16,7 +16,9 @@ the query heads of each kv group; nb = ceil(L / block_size)):
 
 ``profiled_attention`` is an attention function for transformers' ``AttentionInterface``: causal
 attention whose backward also hands the block-summed influence of the layer to an ``InfluenceStore``
-passed through the model's forward kwargs (``moa_influence_store=store``).
+passed through the model's forward kwargs (``moa_influence_store=store``). With Triton (CUDA) that backward
+is ``moa_influence_bwd.attention_backward_with_influence``: dQ, dK, dV and the influence from one fused,
+deterministic pair of kernels; otherwise SDPA's gradients are recomputed and ``influence_blocks_torch`` added.
 """
 
 from __future__ import annotations
@@ -266,20 +268,26 @@ def influence_blocks_triton(
     return per_head.sum(0).reshape(num_kv_heads, -1, nb, nb).sum(1)
 
 
+def _use_triton(backend: str, query: torch.Tensor) -> bool:
+    """The Triton kernels: asked for, or ``auto`` on CUDA with triton installed; never for float64."""
+    wanted = backend == "triton" or (backend == "auto" and triton is not None and query.is_cuda)
+    return wanted and query.dtype != torch.float64
+
+
 def influence_blocks(*tensors: torch.Tensor, block_size: int, scale: float | None = None, backend: str = "auto"):
     """Dispatch: ``triton`` on CUDA when available (``auto``), else chunked ``torch``."""
-    use_triton = backend == "triton" or (backend == "auto" and triton is not None and tensors[0].is_cuda)
-    use_triton = use_triton and tensors[0].dtype != torch.float64
-    impl = influence_blocks_triton if use_triton else influence_blocks_torch
+    impl = influence_blocks_triton if _use_triton(backend, tensors[0]) else influence_blocks_torch
     return impl(*tensors, block_size=block_size, scale=scale)
 
 
 class InfluenceStore:
     """Per-run accumulator: layer index -> [Hkv, nb, nb] block sums (kept on the layer's device).
 
-    ``deterministic``: the attention gradients recomputed in each layer's backward use PyTorch's deterministic
-    algorithms (SDPA's default CUDA backwards accumulate in an order that changes from run to run), so a
-    profile gives the same influence every time it runs."""
+    ``backend``: ``auto`` / ``triton`` take the fused Triton backward (``moa_influence_bwd``: gradients and
+    influence in two kernels, deterministic by construction); ``torch`` (and float64, or ``auto`` off CUDA)
+    recomputes SDPA's gradients and adds ``influence_blocks_torch``. ``deterministic``: that recompute uses
+    PyTorch's deterministic algorithms (SDPA's default CUDA backwards accumulate in an order that changes from
+    run to run), so a profile gives the same influence every time it runs."""
 
     def __init__(self, block_size: int = 64, backend: str = "auto", deterministic: bool = True) -> None:
         self.block_size = block_size
@@ -335,7 +343,8 @@ def deterministic_algorithms(enabled: bool = True):
 
 
 class _ProfiledAttention(torch.autograd.Function):
-    """Causal attention; backward = SDPA's gradients (recomputed) + block-summed influence to the store."""
+    """Causal attention; backward = its gradients + block-summed influence to the store (``InfluenceStore``
+    says which implementation)."""
 
     @staticmethod
     def forward(ctx, query, key, value, scale, store, layer_idx):
@@ -348,14 +357,21 @@ class _ProfiledAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, out = ctx.saved_tensors
         store = ctx.store
-        with torch.enable_grad(), deterministic_algorithms(getattr(store, "deterministic", True)):
-            leaves = [t.detach().requires_grad_(True) for t in (query, key, value)]
-            recomputed = _causal_attention(*leaves, ctx.scale)
-            grads = torch.autograd.grad(recomputed, leaves, grad_out)
+        if _use_triton(store.backend, query):  # one fused, deterministic Triton backward: no SDPA recompute
+            from .moa_influence_bwd import attention_backward_with_influence  # imports this module
+
+            with torch.no_grad():
+                *grads, blocks = attention_backward_with_influence(
+                    query, key, value, out, grad_out, store.block_size, scale=ctx.scale
+                )
+        else:
+            with torch.enable_grad(), deterministic_algorithms(getattr(store, "deterministic", True)):
+                leaves = [t.detach().requires_grad_(True) for t in (query, key, value)]
+                recomputed = _causal_attention(*leaves, ctx.scale)
+                grads = torch.autograd.grad(recomputed, leaves, grad_out)
+            with torch.no_grad():
+                blocks = influence_blocks_torch(query, key, value, out, grad_out, store.block_size, scale=ctx.scale)
         with torch.no_grad():
-            blocks = influence_blocks(
-                query, key, value, out, grad_out, block_size=store.block_size, scale=ctx.scale, backend=store.backend
-            )
             store.add(ctx.layer_idx, blocks)
         return (*grads, None, None, None)
 

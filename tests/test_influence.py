@@ -213,6 +213,37 @@ def test_fused_backward_equals_autograd_and_torch_influence(request, case):
 
 
 @needs_triton
+def test_profiled_backward_takes_the_fused_kernel_without_recompute(request, monkeypatch):
+    if rerun_under_interpreter(request):
+        return
+    fused_calls, attention_calls = [], []
+    real_fused, real_attention = bwd.attention_backward_with_influence, infl._causal_attention
+
+    def fused_spy(*args, **kwargs):
+        fused_calls.append(torch.are_deterministic_algorithms_enabled())
+        return real_fused(*args, **kwargs)
+
+    def attention_spy(*args):
+        attention_calls.append(args)
+        return real_attention(*args)
+
+    monkeypatch.setattr(bwd, "attention_backward_with_influence", fused_spy)
+    monkeypatch.setattr(infl, "_causal_attention", attention_spy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, grad_out = (t.to(device) for t in random_attention_case(1, 4, 2, 37, 16, torch.float32, seed=17))
+    store = infl.InfluenceStore(block_size=16, backend="auto" if device == "cuda" else "triton")
+    grads, sums = _profiled_backward(q, k, v, grad_out, store)
+    assert fused_calls == [False] and len(attention_calls) == 1  # the forward only: no SDPA recompute
+    out, want = causal_grads(q.cpu(), k.cpu(), v.cpu(), grad_out.cpu())
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        assert rel_err(got, ref) < 1e-5, name
+    ref_blocks = infl.influence_blocks_torch(
+        q.cpu().double(), k.cpu().double(), v.cpu().double(), out, grad_out.cpu().double(), 16
+    )
+    assert rel_err(sums, ref_blocks) < 1e-5
+
+
+@needs_triton
 def test_fused_backward_names_bad_sizes():
     q, k, v, grad_out = random_attention_case(1, 2, 1, 20, 24, torch.float32, seed=2)
     with pytest.raises(ValueError, match="head_dim=24"):
