@@ -52,7 +52,7 @@ class ProfileConfig:
     save_every: int = 8  # items per rank between partial saves
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (needed for long N)
     backend: str = "auto"  # influence kernel: auto (triton on CUDA) | torch | triton
-    deterministic: bool = True  # attention backward with deterministic algorithms: the same profile every run
+    deterministic: bool = True  # SDPA recompute path (not the fused Triton backward, deterministic anyway)
     temperature: float = 1.0  # profiling loss: cross-entropy of logits / temperature on the answer tokens
     importance: str = "measured"  # gradient: the first-order profile | measured: scaled per head (sensitivity.py)
     sink: int = 64  # the measured rule (importance=measured): sink + a window of min_span - sink tokens
