@@ -9,8 +9,8 @@ items (``importance="gradient"``) in three stages, each its own process:
               the ranks check that their weights are identical (checksums all-gathered)
   device_map  one process, the model sharded over both GPUs by transformers' own device_map="auto"
               computation and dispatched with accelerate hooks (as ``from_pretrained(device_map="auto")`` does)
-  repeat      the single stage again: how far two runs of the same profile are from each other (0 with the
-              default deterministic attention backward; ``--nondeterministic`` shows SDPA's default backward)
+  repeat      the single stage again: how far two runs of the same profile are from each other (0: the profile's
+              attention backward is deterministic)
 
 Each stage warms up (a short item: Triton compile), then times ``profile_model`` per length (CUDA-synchronised
 wall time of the whole call; per item = wall / items). The driver then compares each stage's
@@ -264,7 +264,6 @@ def start_stage(args) -> StageRun:
         "stage": stage,
         "status": "running",
         "dtype": str(dtype).removeprefix("torch."),
-        "deterministic": not args.nondeterministic,
         "world": ranks.world,
         "pid": os.getpid(),
         "lengths": {},
@@ -338,7 +337,6 @@ def profile_timed(
         block_size=run.args.block_size,
         model_name=MODEL_NAME,
         importance="gradient",
-        deterministic=not run.args.nondeterministic,
     )
     _sync(devices)
     run.ranks.barrier()
@@ -487,8 +485,6 @@ def stage_command(stage: str, args, stage_lengths: list[int], estimates: dict[in
     flags += ["--stop-at", f"{stop_at:.3f}", "--dtype", args.dtype]
     if estimates:
         flags += ["--estimates", ",".join(f"{n}:{s:.1f}" for n, s in estimates.items())]
-    if args.nondeterministic:
-        flags.append("--nondeterministic")
     if args.tiny:
         flags.append("--tiny")
     if args.cpu:
@@ -760,9 +756,6 @@ def parse_args(argv=None):
         "--dtype", choices=("bfloat16", "float32"), default="bfloat16",
         help="weights and activations on the GPU (float32: the run-to-run noise of the bf16 backward drops out)",
     )  # fmt: skip
-    parser.add_argument(
-        "--nondeterministic", action="store_true", help="profile with SDPA's default (atomic) attention backward"
-    )
     parser.add_argument("--nproc", type=int, default=2, help="data-parallel ranks of the dp2 stage")
     parser.add_argument("--deadline-s", type=float, default=250.0, help="the whole run ends within this (seconds)")
     parser.add_argument("--reserve-s", type=float, default=12.0, help="kept back for the comparison at the end")

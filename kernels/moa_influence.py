@@ -269,8 +269,11 @@ def influence_blocks_triton(
 
 
 def _use_triton(backend: str, query: torch.Tensor) -> bool:
-    """The Triton kernels: asked for, or ``auto`` on CUDA with triton installed; never for float64."""
-    wanted = backend == "triton" or (backend == "auto" and triton is not None and query.is_cuda)
+    """The Triton kernels: asked for, or ``auto`` on CUDA with triton installed and a power-of-two head_dim >= 16
+    (the kernels' tile; e.g. d = 96 takes the torch path); never for float64."""
+    head_dim = query.shape[-1]
+    fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    wanted = backend == "triton" or (backend == "auto" and triton is not None and query.is_cuda and fits)
     return wanted and query.dtype != torch.float64
 
 

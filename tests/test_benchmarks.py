@@ -50,7 +50,6 @@ def test_bench_profile_multi_tiny_stages_agree(tmp_path):
     result = json.loads((out / "profile_multi.json").read_text())
     stages = ("single", "dp2", "device_map", "repeat")
     assert {s: result["stages"][s]["status"] for s in stages} == dict.fromkeys(stages, "done")
-    assert all(result["stages"][s]["result"]["deterministic"] is True for s in stages)
     dp2, sharded = result["stages"]["dp2"]["result"], result["stages"]["device_map"]["result"]
     assert dp2["world"] == 2 and dp2["weights_identical_across_ranks"] is True
     assert sharded["modules_with_accelerate_hooks"] > 0 and "model.layers.0" in sharded["hf_device_map"]

@@ -274,3 +274,17 @@ def test_fused_backward_bf16_on_gpu_is_as_close_as_sdpa_and_repeatable():
     assert rel_err(runs[0][3], ref_blocks) < max(2 * rel_err(same_dtype_blocks, ref_blocks), 1e-2)
     for got, again in zip(runs[0], runs[1], strict=True):
         assert torch.equal(got, again)
+
+
+def test_fused_backward_is_chosen_only_where_its_kernels_apply():
+    from types import SimpleNamespace
+
+    def query(dim, cuda=True, dtype=torch.bfloat16):
+        return SimpleNamespace(shape=(1, 4, 8, dim), is_cuda=cuda, dtype=dtype)
+
+    available = infl.triton is not None
+    assert infl._use_triton("auto", query(128)) is available
+    assert not infl._use_triton("auto", query(96))  # e.g. Phi-3: not a kernel tile; the torch path runs
+    assert not infl._use_triton("auto", query(128, cuda=False))
+    assert not infl._use_triton("auto", query(128, dtype=torch.float64))
+    assert not infl._use_triton("torch", query(128))

@@ -59,12 +59,6 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(1.0, help="Profiling loss: cross-entropy of logits / temperature."),
         sink: int = typer.Option(64, help="Sink of the measured rule (importance=measured)."),
         min_span: int = typer.Option(128, help="Span of the measured rule (importance=measured)."),
-        deterministic: bool = typer.Option(
-            True,
-            "--deterministic/--nondeterministic",
-            help="Where SDPA's attention gradients are recomputed (no CUDA/Triton, float64): deterministic "
-            "algorithms. On CUDA the fused Triton backward is deterministic and faster either way.",
-        ),
     ) -> None:
         from ..profile import ProfileConfig, load_model_for_profiling, profile_model, read_items_jsonl
 
@@ -78,7 +72,6 @@ def register(app: typer.Typer) -> None:
             temperature=temperature,
             sink=sink,
             min_span=min_span,
-            deterministic=deterministic,
             model_name=f"{model}@{revision}" if revision else model,
         )
         items = read_items_jsonl(calibration)
