@@ -1,6 +1,6 @@
 """Benchmark the profile stage: one calibration item through a Llama-3-8B-shaped model (random bf16 weights).
 
-Checks the fused influence kernel against the float64 torch path first, then times `profile_model`
+Checks the fused attention backward's influence against the float64 torch path first, then times `profile_model`
 for one item per length and reports peak GPU memory. Also prints the memory an approach that
 materialises the N x N attention matrix (and its gradient) per layer would need, computed analytically.
 
@@ -58,20 +58,19 @@ def environment(device: torch.device) -> dict:
 
 
 def check_kernel(device: torch.device, seq_len: int, heads: tuple[int, int], head_dim: int) -> dict:
-    """Fused kernel (bf16 and fp32 inputs) against the float64 torch path, fresh random inputs."""
-    infl = remote_module("moa_influence")
+    """The fused backward's influence (bf16 and fp32 inputs) against the float64 torch path, fresh random inputs."""
+    infl, bwd = remote_module("moa_influence"), remote_module("moa_influence_bwd")
     num_q, num_kv = heads
-    q, o, do = (torch.randn(1, num_q, seq_len, head_dim, dtype=torch.float64, device=device) for _ in range(3))
+    q, do = (torch.randn(1, num_q, seq_len, head_dim, dtype=torch.float64, device=device) for _ in range(2))
     k, v = (torch.randn(1, num_kv, seq_len, head_dim, dtype=torch.float64, device=device) for _ in range(2))
-    o = torch.softmax(torch.randn(1, num_q, seq_len, seq_len // 8 + 1, device=device, dtype=torch.float64), -1)
-    o = o @ v.repeat_interleave(num_q // num_kv, 1)[:, :, : o.shape[-1]]  # an output-like mix of values
+    o = infl._causal_attention(q, k, v, head_dim**-0.5)  # the real output: the backward recomputes P from it
     ref = infl.influence_blocks_torch(q, k, v, o, do, block_size=64)
     result = {}
     dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)  # interpreter: no bf16 dot
     for dtype in dtypes:
         args = [t.to(dtype) for t in (q, k, v, o, do)]
         ref_same = infl.influence_blocks_torch(*args, block_size=64).double()  # torch from the same rounded inputs
-        got = infl.influence_blocks_triton(*args, block_size=64).double()
+        got = bwd.attention_backward_with_influence(*args, 64)[3].double()
         name = str(dtype).removeprefix("torch.")
         result[f"rel_err_triton_{name}"] = float((got - ref_same).norm() / ref_same.norm())
         result[f"rel_err_torch_{name}_vs_fp64"] = float((ref_same - ref).norm() / ref.norm())
@@ -80,16 +79,16 @@ def check_kernel(device: torch.device, seq_len: int, heads: tuple[int, int], hea
 
 
 def time_kernel(device: torch.device, seq_len: int, reps: int = 3) -> float:
-    """Milliseconds of the fused kernel alone for one Llama-3-8B layer (32 q heads, 8 kv heads, d 128)."""
-    infl = remote_module("moa_influence")
+    """Milliseconds of the fused attention backward + influence for one Llama-3-8B layer (32 q / 8 kv heads, d 128)."""
+    bwd = remote_module("moa_influence_bwd")
     q, o, do = (torch.randn(1, 32, seq_len, 128, dtype=torch.bfloat16, device=device) for _ in range(3))
     k, v = (torch.randn(1, 8, seq_len, 128, dtype=torch.bfloat16, device=device) for _ in range(2))
-    infl.influence_blocks_triton(q, k, v, o, do, block_size=64)
+    bwd.attention_backward_with_influence(q, k, v, o, do, 64)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
         start.record()
-        infl.influence_blocks_triton(q, k, v, o, do, block_size=64)
+        bwd.attention_backward_with_influence(q, k, v, o, do, 64)
         stop.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
@@ -107,7 +106,9 @@ def build_model(shape: dict, device: torch.device) -> LlamaForCausalLM:
 def profile_one(model, length: int, answer: int, device: torch.device, vocab: int, backend: str) -> dict:
     ids = torch.randint(0, vocab, (length,)).tolist()
     item = CalibrationItem(ids, answer_start=length - answer)
-    config = ProfileConfig(lengths=(length,), block_size=64, model_name="random-llama-3-8b-shape", backend=backend)
+    config = ProfileConfig(
+        lengths=(length,), block_size=64, model_name="random-llama-3-8b-shape", backend=backend, importance="gradient"
+    )
     with tempfile.TemporaryDirectory() as work:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -161,7 +162,8 @@ def main() -> None:
         if device.type == "cuda":
             ms = {n: time_kernel(device, n) for n in lengths}
             report["kernel_ms_per_layer"] = ms
-            report["kernel_tflops"] = {n: 3 * 2 * 128 * 32 * n * n / 2 / (t * 1e-3) / 1e12 for n, t in ms.items()}
+            # 8 causal matrix products: lse (QK), then QK, dO V, dS K (dQ); QK, dO V, P dO, dS Q (dK / dV)
+            report["kernel_tflops"] = {n: 8 * 2 * 128 * 32 * n * n / 2 / (t * 1e-3) / 1e12 for n, t in ms.items()}
             print("kernel ms per layer:", ms, "TFLOP/s:", report["kernel_tflops"], flush=True)
     except Exception as err:  # keep the one GPU call useful: fall back to the chunked torch path
         traceback.print_exc()

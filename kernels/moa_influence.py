@@ -12,7 +12,7 @@ the denominator is clamped to INFLUENCE_EPS. Query 0 sees one key (A = 1, E = 0 
 Two implementations with one contract, both returning [Hkv, nb, nb] (summed over the batch and over
 the query heads of each kv group; nb = ceil(L / block_size)):
 - ``influence_blocks_torch``: chunked pure torch (CPU path and reference; exact in float64);
-- ``influence_blocks_triton``: one fused Triton kernel (GPU), one program per (query block, batch, head).
+- ``moa_influence_bwd.attention_backward_with_influence``: Triton (GPU), fused with the attention backward.
 
 ``profiled_attention`` is an attention function for transformers' ``AttentionInterface``: causal
 attention whose backward also hands the block-summed influence of the layer to an ``InfluenceStore``
@@ -29,11 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .moa_window import dot_precision
-
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # CPU-only install: the torch path is used
     triton = None
 
@@ -96,178 +93,6 @@ def influence_blocks_torch(
     return result
 
 
-if triton is not None:
-
-    @triton.jit
-    def _lse_step(
-        m_i,
-        l_i,
-        q,
-        k_base,
-        stride_kl,
-        block_n,
-        offs_m,
-        offs_n0,
-        offs_d,
-        seq_len,
-        scale,
-        BLOCK: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
-        offs_n = block_n * BLOCK + offs_n0
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale
-        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-        return m_new, l_i
-
-    @triton.jit
-    def _influence_step(
-        out_base, q, do, delta, lse, k_base, v_base, stride_kl, stride_vl, block_n,
-        offs_m, offs_n0, offs_d, seq_len, scale, BLOCK: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        offs_n = block_n * BLOCK + offs_n0
-        key_ok = (offs_n < seq_len)[:, None]
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=key_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=key_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale
-        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len) & (offs_m < seq_len)[:, None]
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)  # A_ij
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(tl.float32)  # dL/dA_ij = dO_i . V_j
-        counted = visible & (offs_m > 0)[:, None]  # query 0 has one key (A = 1, 0 / 0): it adds 0
-        infl = tl.where(counted, p * (dp - delta[:, None]) / tl.maximum(1.0 - p, EPS), 0.0)
-        tl.store(out_base + block_n, tl.sum(tl.sum(infl, 1), 0))
-
-    @triton.jit
-    def _influence_fwd(
-        Q, K, V, DO, DELTA, OUT,
-        stride_qb, stride_qh, stride_ql,
-        stride_kb, stride_kh, stride_kl,
-        stride_vb, stride_vh, stride_vl,
-        stride_dob, stride_doh, stride_dol,
-        stride_deltab, stride_deltah,
-        stride_ob, stride_oh, stride_om,
-        seq_len, scale,
-        GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EPS: tl.constexpr,
-        INTERPRET_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        block_m = tl.program_id(0)
-        head = tl.program_id(1)
-        bsz_idx = tl.program_id(2)
-        kv_head = head // GROUP
-        offs_m = block_m * BLOCK + tl.arange(0, BLOCK)
-        offs_n0 = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < seq_len
-
-        # this program's query rows, their dO and delta = dO . O
-        q_ptrs = Q + bsz_idx * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-        do_ptrs = DO + bsz_idx * stride_dob + head * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        delta = tl.load(DELTA + bsz_idx * stride_deltab + head * stride_deltah + offs_m, mask=row_ok, other=0.0)
-        k_base = K + bsz_idx * stride_kb + kv_head * stride_kh
-        v_base = V + bsz_idx * stride_vb + kv_head * stride_vh
-        out_base = OUT + bsz_idx * stride_ob + head * stride_oh + block_m * stride_om
-
-        # pass 1: row log-sum-exp over the visible keys (online softmax); pass 2: block sums of E.
-        # The CPU interpreter (numpy >= 2.4) only loops to constexpr bounds, so there it visits every key
-        # block (those past the diagonal are fully masked and add 0); compiled, it stops at the diagonal.
-        m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK], dtype=tl.float32)
-        if INTERPRET_BLOCKS > 0:
-            for block_n in range(0, INTERPRET_BLOCKS):
-                m_i, l_i = _lse_step(
-                    m_i,
-                    l_i,
-                    q,
-                    k_base,
-                    stride_kl,
-                    block_n,
-                    offs_m,
-                    offs_n0,
-                    offs_d,
-                    seq_len,
-                    scale,
-                    BLOCK,
-                    DOT_PRECISION,
-                )
-        else:
-            for block_n in range(0, block_m + 1):
-                m_i, l_i = _lse_step(
-                    m_i,
-                    l_i,
-                    q,
-                    k_base,
-                    stride_kl,
-                    block_n,
-                    offs_m,
-                    offs_n0,
-                    offs_d,
-                    seq_len,
-                    scale,
-                    BLOCK,
-                    DOT_PRECISION,
-                )
-        lse = m_i + tl.log(tl.maximum(l_i, 1e-30))
-        if INTERPRET_BLOCKS > 0:
-            for block_n in range(0, INTERPRET_BLOCKS):
-                _influence_step(
-                    out_base, q, do, delta, lse, k_base, v_base, stride_kl, stride_vl, block_n,
-                    offs_m, offs_n0, offs_d, seq_len, scale, BLOCK, EPS, DOT_PRECISION,
-                )  # fmt: skip
-        else:
-            for block_n in range(0, block_m + 1):
-                _influence_step(
-                    out_base, q, do, delta, lse, k_base, v_base, stride_kl, stride_vl, block_n,
-                    offs_m, offs_n0, offs_d, seq_len, scale, BLOCK, EPS, DOT_PRECISION,
-                )  # fmt: skip
-
-
-def influence_blocks_triton(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    out: torch.Tensor,
-    grad_out: torch.Tensor,
-    block_size: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Same contract as ``influence_blocks_torch`` through the fused Triton kernel; returns float32.
-
-    head_dim must be a power of two >= 16, block_size a power of two >= 16.
-    """
-    if triton is None:
-        raise RuntimeError("influence_blocks_triton needs triton: pip install 'moa-hub[gpu]' or use the torch path")
-    bsz, num_q_heads, seq_len, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    scale = head_dim**-0.5 if scale is None else scale
-    nb = math.ceil(seq_len / block_size)
-    query, key, value, grad_out = (t.contiguous() for t in (query, key, value, grad_out))
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, Hq, L]
-    per_head = torch.zeros(bsz, num_q_heads, nb, nb, dtype=torch.float32, device=query.device)
-    # Triton launches on the current device and stream: make them the tensors' (a layer of a model sharded
-    # with device_map over several GPUs may run while another GPU is current)
-    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        _influence_fwd[(nb, num_q_heads, bsz)](
-            query, key, value, grad_out, delta, per_head,
-            query.stride(0), query.stride(1), query.stride(2),
-            key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            delta.stride(0), delta.stride(1),
-            per_head.stride(0), per_head.stride(1), per_head.stride(2),
-            seq_len, scale,
-            GROUP=num_q_heads // num_kv_heads, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
-            INTERPRET_BLOCKS=0 if query.is_cuda else nb,
-            DOT_PRECISION=dot_precision(query.dtype),
-            num_warps=4, num_stages=2,
-        )  # fmt: skip
-    return per_head.sum(0).reshape(num_kv_heads, -1, nb, nb).sum(1)
-
-
 def _use_triton(backend: str, query: torch.Tensor) -> bool:
     """The Triton kernels: asked for, or ``auto`` on CUDA with triton installed and a power-of-two head_dim >= 16
     (the kernels' tile; e.g. d = 96 takes the torch path); never for float64."""
@@ -275,12 +100,6 @@ def _use_triton(backend: str, query: torch.Tensor) -> bool:
     fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
     wanted = backend == "triton" or (backend == "auto" and triton is not None and query.is_cuda and fits)
     return wanted and query.dtype != torch.float64
-
-
-def influence_blocks(*tensors: torch.Tensor, block_size: int, scale: float | None = None, backend: str = "auto"):
-    """Dispatch: ``triton`` on CUDA when available (``auto``), else chunked ``torch``."""
-    impl = influence_blocks_triton if _use_triton(backend, tensors[0]) else influence_blocks_torch
-    return impl(*tensors, block_size=block_size, scale=scale)
 
 
 class InfluenceStore:
