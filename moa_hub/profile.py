@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ def _profile_length(model, items, length, config, work_dir, ranks) -> Path:
     nb = math.ceil(length / config.block_size)
     shape = (text_config.num_hidden_layers, text_config.num_key_value_heads, nb, nb)
     total, done = _load_partial(partial_path(work_dir, length), shape, len(items), config)
+    resumed_at = done
+    _synchronize(model)
+    started = time.perf_counter()
     round_size = ranks.world * config.save_every
     store = remote_module("moa_influence").InfluenceStore(config.block_size, config.backend, config.deterministic)
     for start in range(done, len(items), round_size):
@@ -210,7 +214,23 @@ def _profile_length(model, items, length, config, work_dir, ranks) -> Path:
         _save(profile_path(work_dir, length), total, length, config, model, len(items), len(items))
         partial_path(work_dir, length).unlink(missing_ok=True)
     ranks.barrier()
+    _synchronize(model)
+    _log_length_time(length, len(items) - resumed_at, time.perf_counter() - started, ranks)
     return profile_path(work_dir, length)
+
+
+def _synchronize(model) -> None:
+    """Wait for the work queued on every GPU that holds part of ``model`` (nothing to wait for on the CPU)."""
+    for device in {p.device for p in model.parameters() if p.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
+
+
+def _log_length_time(length: int, num_items: int, seconds: float, ranks: Ranks) -> None:
+    """Rank 0: wall seconds of one length, from before its first item to its file written and every rank done."""
+    if ranks.rank != 0:
+        return
+    per_item = f" ({seconds / num_items:.3f} s / item)" if num_items else ""
+    logger.info("profile length %d: %d items in %.3f s%s", length, num_items, seconds, per_item)
 
 
 def _backward_one(model, item: CalibrationItem, store, temperature: float = 1.0) -> None:
@@ -304,6 +324,9 @@ def load_model_for_profiling(model_id: str, revision: str | None = None):
     else:
         device_map, dtype = None, torch.float32
     logger.info("loading %s (device_map=%s, dtype=%s)", model_id, device_map, dtype)
-    return AutoModelForCausalLM.from_pretrained(
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
         model_id, revision=revision, dtype=dtype, device_map=device_map, attn_implementation="sdpa"
     )
+    logger.info("loaded %s in %.2f s (rank %d of %d)", model_id, time.perf_counter() - started, ranks.rank, ranks.world)
+    return model

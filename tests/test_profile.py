@@ -104,7 +104,7 @@ def test_profile_matches_autograd_formula_float64(tmp_path, checkpointing):
     assert model.config._attn_implementation == "sdpa" and not model.model.layers[0].training
 
 
-def test_resume_skips_finished_lengths_and_continues_partial(tmp_path, monkeypatch):
+def test_resume_skips_finished_lengths_and_continues_partial(tmp_path, monkeypatch, caplog):
     model = tiny_llama(dtype=torch.float32)
     items = {40: random_items([40, 33, 21], seed=2), 24: random_items([24, 19], seed=3)}
     config = ProfileConfig(lengths=(24, 40), block_size=BLOCK, save_every=1)
@@ -129,8 +129,10 @@ def test_resume_skips_finished_lengths_and_continues_partial(tmp_path, monkeypat
 
     calls.clear()
     monkeypatch.setattr(profile_mod, "_backward_one", lambda *a: (calls.append(len(a[1].input_ids)), real(*a)))
-    resumed = profile_model(model, items, config, tmp_path / "run")
+    with caplog.at_level("INFO", logger="moa_hub.profile"):
+        resumed = profile_model(model, items, config, tmp_path / "run")
     assert calls == [33, 21]  # neither length 24 nor the first item of 40 is recomputed
+    assert "profile length 40: 2 items in " in caplog.text  # the time per item counts the items of this run
     assert not partial_path(tmp_path / "run", 40).exists()
     for n in (24, 40):
         torch.testing.assert_close(load_profile(resumed[n])[0], load_profile(fresh[n])[0], rtol=1e-5, atol=1e-6)
@@ -144,6 +146,24 @@ def test_bad_items_name_the_problem(tmp_path):
         profile_model(model, {}, ProfileConfig(lengths=(16,), block_size=BLOCK), tmp_path)
     with pytest.raises(ProfileError, match="block_size"):
         ProfileConfig(block_size=48)
+
+
+def test_each_length_logs_its_wall_time(tmp_path, caplog):
+    """One line per length (rank 0): wall seconds and seconds per item of the items this call profiled."""
+    import logging
+    import re
+
+    model = tiny_llama(dtype=torch.float32)
+    items = {24: random_items([24, 19, 21], seed=7), 40: random_items([40, 29], seed=8)}
+    config = ProfileConfig(lengths=(24, 40), block_size=BLOCK, save_every=1, importance="gradient")
+    with caplog.at_level(logging.INFO, logger="moa_hub.profile"):
+        profile_model(model, items, config, tmp_path)
+    pattern = r"profile length (\d+): (\d+) items in (\d+\.\d{3}) s \((\d+\.\d{3}) s / item\)"
+    found = [re.fullmatch(pattern, r.getMessage()) for r in caplog.records if " items in " in r.getMessage()]
+    assert [(m.group(1), m.group(2)) for m in found] == [("24", "3"), ("40", "2")], caplog.text
+    for m in found:
+        seconds, per_item = float(m.group(3)), float(m.group(4))
+        assert seconds > 0 and abs(per_item - seconds / int(m.group(2))) < 1e-3
 
 
 def _rank_worker(model_dir: str, work_dir: str, log_dir: str) -> None:
