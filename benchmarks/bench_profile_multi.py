@@ -2,11 +2,18 @@
 
 A Llama-3-8B-shaped model with random bf16 weights (each parameter drawn from its own seed, made from its
 name, directly on the device it lives on: every stage builds the same model) profiles the same random
-items (``importance="gradient"``) in three stages, each its own process:
+items (``importance="gradient"``) in these stages, each its own process:
 
   single      one process on cuda:0
   dp2         ``accelerate launch --multi_gpu --num_processes 2`` (one rank per GPU, cuda:LOCAL_RANK, NCCL);
               the ranks check that their weights are identical (checksums all-gathered)
+  cli_dp2     the real command end to end: the model saved with ``save_pretrained`` (then reloaded once with
+              ``from_pretrained`` for its checksums) and the items written as JSONL, then ``python -m moa_hub.cli
+              profile <folder> --importance gradient --num-gpus 2`` (it re-executes itself under ``accelerate launch``;
+              each rank loads the folder with ``load_model_for_profiling``). Its times are the per-length lines the
+              library logs (``profile length N: K items in S s``; rank 0, CUDA-synchronised); the command profiles the
+              warm-up length first, so no timed length pays for compilation; process start and loading are recorded
+              apart (``cli_wall_s``, ``cli_load_s``). Code: ``profile_multi_cli.py``
   device_map  one process, the model sharded over both GPUs by transformers' own device_map="auto"
               computation and dispatched with accelerate hooks (as ``from_pretrained(device_map="auto")`` does)
   repeat      the single stage again: how far two runs of the same profile are from each other (0: the profile's
@@ -14,7 +21,7 @@ items (``importance="gradient"``) in three stages, each its own process:
 
 Each stage warms up (a short item: Triton compile), then times ``profile_model`` per length (CUDA-synchronised
 wall time of the whole call; per item = wall / items). The driver then compares each stage's
-``influence`` with the single run's (relative Frobenius error) and the time per item (dp2 / single), prints
+``influence`` with the single run's (relative Frobenius error) and the time per item (e.g. dp2 / single), prints
 a table and writes ``<out>/profile_multi.json``. Every stage writes ``<out>/<stage>.json`` after each length
 and logs to ``<out>/<stage>.log``, so a time-out keeps what was measured; ``--deadline-s`` skips what would
 not finish in time (and records it as skipped).
@@ -53,14 +60,16 @@ for _path in (str(ROOT), str(HERE)):
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from bench_profile import LLAMA3_8B, TINY, environment  # noqa: E402
+from profile_multi_cli import CliTimes, cli_command, run_streaming, write_items_jsonl  # noqa: E402
 
-from moa_hub.profile import CalibrationItem, ProfileConfig, load_profile, profile_model  # noqa: E402
+from moa_hub.profile import CalibrationItem, ProfileConfig, load_profile, profile_model, profile_path  # noqa: E402
 from moa_hub.profile_runtime import Ranks  # noqa: E402
 
-STAGES = ("single", "dp2", "device_map", "repeat")
+STAGES = ("single", "dp2", "cli_dp2", "device_map", "repeat")
+DP_STAGES = ("dp2", "cli_dp2")  # data parallel over --nproc GPUs: the time target applies
 MODEL_NAME = "random-llama-3-8b-shape"
 REL_ERR_MAX = 1e-3  # the issue: influence equal to the single-GPU run's
-DP_RATIO_MAX = 0.6  # the issue: dp2 time per item <= 0.6 x single
+DP_RATIO_MAX = 0.6  # the issue: time per item on 2 GPUs (dp2, cli_dp2) <= 0.6 x single
 INIT_STD = 0.02  # transformers' initializer_range for Llama
 # NVLink multicast stays off (the lent multi-GPU machines ask for it; harmless elsewhere)
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -420,11 +429,16 @@ def record_timing(run: StageRun, row: dict, seconds: float, path: Path, devices:
         profile=str(path),
     )
     if run.lead:
-        influence, meta = load_profile(path)
-        row["influence_shape"] = list(influence.shape)
-        row["influence_norm"] = float(influence.double().norm())
-        row["influence_finite"] = bool(torch.isfinite(influence).all())
-        row["num_items_meta"] = meta.get("num_items")
+        describe_profile(row, path)
+
+
+def describe_profile(row: dict, path: Path) -> None:
+    """A first look at one profile file: the influence's shape, norm, finiteness and item count."""
+    influence, meta = load_profile(path)
+    row["influence_shape"] = list(influence.shape)
+    row["influence_norm"] = float(influence.double().norm())
+    row["influence_finite"] = bool(torch.isfinite(influence).all())
+    row["num_items_meta"] = meta.get("num_items")
 
 
 def leave_process_group() -> None:
@@ -436,25 +450,162 @@ def leave_process_group() -> None:
             pass
 
 
+# ----------------------------------------------------------------------------------------------- cli_dp2
+
+CLI_TIME_NOTE = (
+    "seconds_per_item: per length, the wall seconds that rank 0 of `moa-hub profile --num-gpus N` logs (from before "
+    "the length's first item to its file written and every rank past the last barrier, CUDA-synchronised) / items. "
+    "The command profiles the warm-up length first in the same run (Triton compile; warmup_s), so no timed length "
+    "includes compilation. Not included: process start, accelerate launch, imports, model loading (cli_load_s, per "
+    "rank); cli_wall_s is the whole command."
+)
+
+
+def _free_memory(run: StageRun) -> None:
+    import gc
+
+    gc.collect()
+    if not run.cpu:
+        torch.cuda.empty_cache()
+
+
+def save_stage_model(run: StageRun, folder: Path) -> dict[str, list[float]]:
+    """The model of the single stage (same seeds, dtype and device), saved with ``save_pretrained``; its checksums."""
+    start = time.perf_counter()
+    model = build_model(run.shape, run.dtype, run.device, run.args.seed)
+    _sync([run.device])
+    run.record["build_s"] = time.perf_counter() - start
+    run.record["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    built = checksums(model)
+    start = time.perf_counter()
+    model.save_pretrained(folder)
+    run.record["save_s"] = time.perf_counter() - start
+    run.record["saved_files"] = sorted(p.name for p in folder.iterdir())
+    del model
+    _free_memory(run)
+    return built
+
+
+def reload_checksums(run: StageRun, folder: Path) -> dict[str, list[float]]:
+    """Checksums of the weights ``from_pretrained`` gives back, loaded as ``load_model_for_profiling`` loads them on a
+    data-parallel rank: its dtype (bf16 on CUDA, fp32 on the CPU), the whole model on this process's device."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    device_map = None if run.cpu else {"": run.device}
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=run.dtype, device_map=device_map, attn_implementation="sdpa"
+    )
+    sums = checksums(model)
+    run.record["reload_s"] = time.perf_counter() - start
+    del model
+    _free_memory(run)
+    return sums
+
+
+def lengths_in_time(run: StageRun, estimates: dict[int, float]) -> list[int]:
+    """The lengths whose estimated times, one after the other, end before ``--stop-at``; the rest recorded skipped.
+    The command's start and loading come first: guessed as one reload of the folder plus 30 s."""
+    args, kept = run.args, []
+    need = run.record.get("reload_s", 0.0) + 30.0 if estimates else 0.0
+    for length in args.lengths:
+        need += estimates.get(length, 0.0)
+        if args.stop_at and time.time() + need > args.stop_at:
+            reason = f"deadline: needs ~{need:.0f} s with the lengths before it"
+            run.record["lengths"][str(length)] = {"items": args.items, "status": "skipped", "reason": reason}
+        else:
+            kept.append(length)
+            run.record["lengths"][str(length)] = {"items": args.items, "status": "running"}  # what a cut leaves
+    return kept
+
+
+def record_cli_length(run: StageRun, length: int, times: CliTimes, profiles: Path) -> None:
+    """One time line of the command: the warm-up, or a timed length (its file is written when rank 0 logs)."""
+    num_items, seconds = times.lengths[length]
+    row = run.record["lengths"].get(str(length))
+    if length == run.args.warmup_len:
+        run.record["warmup_s"] = seconds
+    elif row is not None:
+        path = profile_path(profiles, length)
+        row.update(status="done", items=num_items, seconds=seconds, seconds_per_item=seconds / num_items)
+        row.update(
+            profile=str(path), items_per_rank=[len(range(r, num_items, run.args.nproc)) for r in range(run.args.nproc)]
+        )
+        describe_profile(row, path)
+    run.save()
+
+
+def cli_stage(run: StageRun) -> None:
+    """Save the model and the items, profile them with ``moa-hub profile --num-gpus N``, read its times back."""
+    args, work = run.args, Path(run.args.work)
+    if not run.cpu and run.dtype != torch.bfloat16:
+        raise SystemExit("cli_dp2: the command loads the model in bf16 on CUDA; run it with --dtype bfloat16")
+    if args.warmup_len in args.lengths:
+        raise SystemExit(f"cli_dp2: --warmup-len {args.warmup_len} is one of --lengths; choose another")
+    folder = work / "model"
+    built = save_stage_model(run, folder)
+    run.record["checksums"] = reload_checksums(run, folder)
+    run.record["weights_reloaded_equal_built"] = run.record["checksums"] == built
+    run.say(f"saved in {run.record['save_s']:.1f} s, reloaded in {run.record['reload_s']:.1f} s")
+    run.save()
+    vocab = run.shape["vocab_size"]
+    items = {args.warmup_len: make_items(args.warmup_len, args.nproc, 16, vocab, args.seed + 1)}  # as warm_up
+    lengths = lengths_in_time(run, _parse_estimates(args.estimates))
+    items.update({n: make_items(n, args.items, args.answer, vocab, args.seed) for n in lengths})
+    write_items_jsonl(work / "calibration.jsonl", items)
+    profiles = work / "profiles"
+    cmd = cli_command(folder, work / "calibration.jsonl", profiles, items, args.block_size, args.nproc)
+    run.record.update(cli_command=cmd, cli_num_gpus=args.nproc, time_note=CLI_TIME_NOTE)
+    run.save()
+    times = CliTimes()
+
+    def on_line(line: str) -> None:
+        length = times.read(line)
+        if length is not None:
+            record_cli_length(run, length, times, profiles)
+
+    start = time.perf_counter()
+    try:
+        rc = run_streaming(cmd, stage_env(args), "[cli] ", on_line)
+    finally:
+        run.record.update(cli_wall_s=time.perf_counter() - start, cli_load_s=dict(sorted(times.load_s.items())))
+    run.record["cli_rc"] = rc
+    if rc != 0:
+        raise RuntimeError(f"moa-hub profile exited with {rc} (its output is in this stage's log)")
+
+
+def profile_in_process(run: StageRun) -> None:
+    """Build the model, check it, warm up, then time ``profile_model`` on each length."""
+    model, devices = build_for_stage(run)
+    sums = checksums(model)
+    run.record["checksums"] = sums
+    if run.ranks.world > 1:
+        check_weights_across_ranks(run, sums)
+    run.say(f"built in {run.record['build_s']:.1f} s on {run.record['param_devices']}")
+    run.save()
+    warm_up(run, model, devices)
+    estimates = _parse_estimates(run.args.estimates)
+    for length in run.args.lengths:
+        time_length(run, model, devices, length, estimates)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def worker(args) -> None:
-    """One stage in this process: build the model, check it, warm up, then time each length."""
+    """One stage in this process (cli_dp2: its driver, around the command)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("moa_hub").setLevel(logging.INFO)
     run = start_stage(args)
     try:
         record_environment(run)
         run.save()
-        model, devices = build_for_stage(run)
-        sums = checksums(model)
-        run.record["checksums"] = sums
-        if run.ranks.world > 1:
-            check_weights_across_ranks(run, sums)
-        run.say(f"built in {run.record['build_s']:.1f} s on {run.record['param_devices']}")
-        run.save()
-        warm_up(run, model, devices)
-        estimates = _parse_estimates(args.estimates)
-        for length in args.lengths:
-            time_length(run, model, devices, length, estimates)
+        if args.worker == "cli_dp2":
+            signal.signal(signal.SIGTERM, _interrupt)  # a time-out: record what the command got through
+            cli_stage(run)
+        else:
+            profile_in_process(run)
         run.record["status"] = "done"
         run.save()
     except BaseException as err:
@@ -482,14 +633,14 @@ def stage_command(stage: str, args, stage_lengths: list[int], estimates: dict[in
     flags = ["--worker", stage, "--work", str(args.work / stage), "--json", str(args.out / f"{stage}.json")]
     flags += ["--lengths", *map(str, stage_lengths), "--items", str(args.items), "--answer", str(args.answer)]
     flags += ["--warmup-len", str(args.warmup_len), "--block-size", str(args.block_size), "--seed", str(args.seed)]
-    flags += ["--stop-at", f"{stop_at:.3f}", "--dtype", args.dtype]
+    flags += ["--stop-at", f"{stop_at:.3f}", "--dtype", args.dtype, "--nproc", str(args.nproc)]
     if estimates:
         flags += ["--estimates", ",".join(f"{n}:{s:.1f}" for n, s in estimates.items())]
     if args.tiny:
         flags.append("--tiny")
     if args.cpu:
         flags.append("--cpu")
-    if stage != "dp2":
+    if stage != "dp2":  # cli_dp2 too: its command launches its own ranks
         return [sys.executable, script, *flags]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.nproc)]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -595,7 +746,7 @@ def compare(report: dict, args) -> dict:
                     row["same_num_items"] = got_meta.get("num_items") == want_meta.get("num_items")
                 row["time_ratio"] = mine["seconds_per_item"] / ref["seconds_per_item"]
                 ok = row.get("rel_err", math.inf) < REL_ERR_MAX and entry["weights_vs_single"].get("equal", False)
-                if stage == "dp2":
+                if stage in DP_STAGES:
                     ok = ok and row["time_ratio"] <= DP_RATIO_MAX
                 row["meets_issue"] = bool(ok)
             row["status"] = f"{stage}: {mine.get('status', 'missing')}, single: {ref.get('status', 'missing')}"
@@ -620,6 +771,8 @@ def summary_table(report: dict, args) -> str:
         same = "-" if stage == "single" else (str(weights.get("equal")) if weights.get("compared") else "?")
         if stage == "dp2" and "weights_identical_across_ranks" in result:
             same += f" (ranks equal: {result['weights_identical_across_ranks']})"
+        if stage == "cli_dp2" and "weights_reloaded_equal_built" in result:
+            same += f" (as reloaded; built: {result['weights_reloaded_equal_built']})"
         lengths = result.get("lengths") or {}
         if not lengths:
             why = info.get("status", "?")
@@ -659,7 +812,12 @@ def driver(args) -> None:
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     report: dict = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "issue_targets": {"rel_err_max": REL_ERR_MAX, "dp2_time_ratio_max": DP_RATIO_MAX, "weights": "equal to single"},
+        "issue_targets": {
+            "rel_err_max": REL_ERR_MAX,
+            "dp2_time_ratio_max": DP_RATIO_MAX,
+            "time_ratio_stages": list(DP_STAGES),
+            "weights": "equal to single",
+        },
         "stages": {},
         "compare": {},
     }
@@ -695,7 +853,7 @@ def driver(args) -> None:
             for n in stage_lengths:
                 row = single.get("lengths", {}).get(str(n), {})
                 if "seconds_per_item" in row:
-                    share = 1.0 / args.nproc if stage == "dp2" else 1.0
+                    share = 1.0 / args.nproc if stage in DP_STAGES else 1.0
                     estimates[n] = row["seconds_per_item"] * args.items * share * 1.3 + 3.0
             shutil.rmtree(args.work / stage, ignore_errors=True)
             (args.work / stage).mkdir(parents=True)
@@ -733,6 +891,12 @@ def driver(args) -> None:
                 print(
                     f"dp2: world {result.get('world')}, backend {result.get('backend')}, reduce device of rank 0 "
                     f"{result.get('reduce_device')}, ranks' weights identical: {result.get('weights_identical_across_ranks')}"
+                )
+            if stage == "cli_dp2" and result.get("cli_wall_s") is not None:
+                print(
+                    f"cli_dp2: `moa-hub profile --num-gpus {result.get('cli_num_gpus')}` ran {result['cli_wall_s']:.1f} s "
+                    f"in all (model load per rank {result.get('cli_load_s')} s, warm-up length {result.get('warmup_s')} s); "
+                    f"saved in {result.get('save_s', 0):.1f} s. {result.get('time_note')}"
                 )
         print(summary_table(report, args), flush=True)
         if not args.keep_work:

@@ -42,17 +42,21 @@ def test_profile_step_smoke(tmp_path):
 
 
 def test_bench_profile_multi_tiny_stages_agree(tmp_path):
-    """The stages (one process, 2 gloo ranks through accelerate launch, accelerate-dispatched device_map, the
-    single run again) build the same weights and reach the same influence; every stage's JSON and the summary are
-    written."""
+    """The stages (one process, 2 gloo ranks through accelerate launch, `moa-hub profile --num-gpus 2` on the saved
+    model and JSONL items, accelerate-dispatched device_map, the single run again) build the same weights and reach
+    the same influence; every stage's JSON and the summary are written."""
     out = tmp_path / "out"
     run_script(["benchmarks/bench_profile_multi.py", "--tiny", "--lengths", "128", "192", "--out", str(out)], tmp_path)
     result = json.loads((out / "profile_multi.json").read_text())
-    stages = ("single", "dp2", "device_map", "repeat")
+    stages = ("single", "dp2", "cli_dp2", "device_map", "repeat")
     assert {s: result["stages"][s]["status"] for s in stages} == dict.fromkeys(stages, "done")
     dp2, sharded = result["stages"]["dp2"]["result"], result["stages"]["device_map"]["result"]
     assert dp2["world"] == 2 and dp2["weights_identical_across_ranks"] is True
     assert sharded["modules_with_accelerate_hooks"] > 0 and "model.layers.0" in sharded["hf_device_map"]
+    cli = result["stages"]["cli_dp2"]["result"]
+    assert cli["cli_rc"] == 0 and cli["weights_reloaded_equal_built"] is True and cli["warmup_s"] >= 0
+    assert "--num-gpus" in cli["cli_command"] and set(cli["cli_load_s"]) == {"0", "1"}  # both ranks loaded the folder
+    assert all(cli["lengths"][n]["items_per_rank"] == [1, 1] for n in ("128", "192"))
     for stage in stages[1:]:
         comp = result["compare"][stage]
         assert comp["weights_vs_single"]["equal"] is True
