@@ -38,6 +38,18 @@ def patch_interpreter_index() -> None:
 if os.environ.get("TRITON_INTERPRET") == "1":
     patch_interpreter_index()
 
+
+def interpret_triton_without_gpu() -> bool:
+    """Without CUDA, run Triton kernels on the CPU interpreter: TRITON_INTERPRET=1 (read when triton is first
+    imported and at each launch, so call this before the kernel modules load) and the index patch. Returns whether
+    the interpreter is on."""
+    if torch.cuda.is_available():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    patch_interpreter_index()
+    return True
+
+
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "MoaLlamaConfig", "modeling_moa_llama", "MoaLlamaForCausalLM"),
     "mistral": (

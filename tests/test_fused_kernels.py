@@ -7,18 +7,13 @@ and a whole MoA model run with the fused stack against the same model with ``MOA
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import build_dense, build_moa, patch_interpreter_index, random_plan
+from conftest import build_dense, build_moa, interpret_triton_without_gpu, random_plan
 
 from moa_hub.remote import remote_module
 
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-    patch_interpreter_index()
+INTERPRET = interpret_triton_without_gpu()
 pytest.importorskip("triton")
 fused = remote_module("moa_fused")
 cache_mod = remote_module("moa_cache")

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interpret_triton_without_gpu
 
 from moa_hub.remote import remote_module
 
 os.environ.setdefault("HF_TOKEN", "")
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = interpret_triton_without_gpu()
 triton = pytest.importorskip("triton")
 tl = triton.language
 

@@ -10,13 +10,12 @@ import os
 
 import pytest
 import torch
+from conftest import interpret_triton_without_gpu
 
 from moa_hub.remote import remote_module
 
 os.environ.setdefault("HF_TOKEN", "")
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # read at launch time by the kernels' use_triton()
+INTERPRET = interpret_triton_without_gpu()
 triton = pytest.importorskip("triton")
 
 prefill = remote_module("moa_prefill")
