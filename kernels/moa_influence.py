@@ -187,7 +187,7 @@ class _ProfiledAttention(torch.autograd.Function):
                     query, key, value, out, grad_out, store.block_size, scale=ctx.scale
                 )
         else:
-            with torch.enable_grad(), deterministic_algorithms(getattr(store, "deterministic", True)):
+            with torch.enable_grad(), deterministic_algorithms(store.deterministic):
                 leaves = [t.detach().requires_grad_(True) for t in (query, key, value)]
                 recomputed = _causal_attention(*leaves, ctx.scale)
                 grads = torch.autograd.grad(recomputed, leaves, grad_out)

@@ -99,7 +99,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_kb, stride_kh,
         seq_len, scale,
         GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EPS: tl.constexpr,
-        INTERPRET_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         # [B, Hq, L, D] tensors (Q, OUT, DO, DQ) share strides, so do K/V; LSE2/DELTA: [B, Hq, L]; INFL: [B, Hq, nb, nb]
         num_blocks = tl.num_programs(0)
@@ -122,36 +122,22 @@ if triton is not None:
         k_base, v_base = K + kv_off, V + kv_off
         infl_base = INFL + ((bsz_idx * tl.num_programs(1) + head) * num_blocks + block_m) * num_blocks
 
-        # pass 1: row log-sum-exp (log2 units). The CPU interpreter (numpy >= 2.4) only loops to constexpr
-        # bounds: there it visits every block and takes the branch the compiled loops' bounds would.
+        # pass 1: row log-sum-exp (log2 units) over the key blocks before the diagonal, then the diagonal one
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
-        if INTERPRET_BLOCKS > 0:
-            for block_n in range(0, INTERPRET_BLOCKS):
-                if block_n < block_m:
-                    m_i, l_i = _lse2_step(m_i, l_i, q, k_base, offs_m, block_n * BLOCK + offs_n0, offs_d, seq_len,
-                                          qk_scale, HEAD_DIM, False, DOT_PRECISION)  # fmt: skip
-        else:
-            for block_n in range(0, block_m):
-                m_i, l_i = _lse2_step(m_i, l_i, q, k_base, offs_m, block_n * BLOCK + offs_n0, offs_d, seq_len,
-                                      qk_scale, HEAD_DIM, False, DOT_PRECISION)  # fmt: skip
+        for block_n in range(0, block_m):
+            m_i, l_i = _lse2_step(m_i, l_i, q, k_base, offs_m, block_n * BLOCK + offs_n0, offs_d, seq_len,
+                                  qk_scale, HEAD_DIM, False, DOT_PRECISION)  # fmt: skip
         m_i, l_i = _lse2_step(m_i, l_i, q, k_base, offs_m, offs_m, offs_d, seq_len, qk_scale, HEAD_DIM, True,
                               DOT_PRECISION)  # fmt: skip
         lse2 = m_i + tl.log2(l_i)  # every row sees at least its own key (l_i >= 1)
 
         # pass 2: dQ and the influence block sums, key block by key block up to the diagonal
         dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-        if INTERPRET_BLOCKS > 0:
-            for block_n in range(0, INTERPRET_BLOCKS):
-                if block_n < block_m:
-                    dq = _dq_influence_step(dq, q, do, delta, lse2, k_base, v_base, infl_base + block_n, offs_m,
-                                            block_n * BLOCK + offs_n0, offs_d, seq_len, qk_scale, HEAD_DIM, EPS,
-                                            False, DOT_PRECISION)  # fmt: skip
-        else:
-            for block_n in range(0, block_m):
-                dq = _dq_influence_step(dq, q, do, delta, lse2, k_base, v_base, infl_base + block_n, offs_m,
-                                        block_n * BLOCK + offs_n0, offs_d, seq_len, qk_scale, HEAD_DIM, EPS, False,
-                                        DOT_PRECISION)  # fmt: skip
+        for block_n in range(0, block_m):
+            dq = _dq_influence_step(dq, q, do, delta, lse2, k_base, v_base, infl_base + block_n, offs_m,
+                                    block_n * BLOCK + offs_n0, offs_d, seq_len, qk_scale, HEAD_DIM, EPS, False,
+                                    DOT_PRECISION)  # fmt: skip
         dq = _dq_influence_step(dq, q, do, delta, lse2, k_base, v_base, infl_base + block_m, offs_m, offs_m, offs_d,
                                 seq_len, qk_scale, HEAD_DIM, EPS, True, DOT_PRECISION)  # fmt: skip
 
@@ -185,7 +171,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_kb, stride_kh,
         seq_len, scale,
         GROUP: tl.constexpr, KEY_BLOCK: tl.constexpr, QUERY_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-        INTERPRET_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         block_n = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -212,26 +198,14 @@ if triton is not None:
             do_base = DO + bsz_idx * stride_qb + head * stride_qh
             stat_base = (bsz_idx * GROUP * tl.num_programs(1) + head) * seq_len
             lse2_base, delta_base = LSE2 + stat_base, DELTA + stat_base
-            if INTERPRET_STEPS > 0:  # constexpr loop bounds under the interpreter (see _bwd_dq_influence)
-                for step in range(0, INTERPRET_STEPS):
-                    if step >= first:
-                        if step < past_diagonal:
-                            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                                step * QUERY_BLOCK + offs_m0, offs_n, offs_d, seq_len, qk_scale,
-                                                HEAD_DIM, True, DOT_PRECISION)  # fmt: skip
-                        else:
-                            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                                step * QUERY_BLOCK + offs_m0, offs_n, offs_d, seq_len, qk_scale,
-                                                HEAD_DIM, False, DOT_PRECISION)  # fmt: skip
-            else:
-                for step in range(first, past_diagonal):
-                    dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                        step * QUERY_BLOCK + offs_m0, offs_n, offs_d, seq_len, qk_scale, HEAD_DIM,
-                                        True, DOT_PRECISION)  # fmt: skip
-                for step in range(past_diagonal, num_steps):
-                    dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                                        step * QUERY_BLOCK + offs_m0, offs_n, offs_d, seq_len, qk_scale, HEAD_DIM,
-                                        False, DOT_PRECISION)  # fmt: skip
+            for step in range(first, past_diagonal):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                                    step * QUERY_BLOCK + offs_m0, offs_n, offs_d, seq_len, qk_scale, HEAD_DIM,
+                                    True, DOT_PRECISION)  # fmt: skip
+            for step in range(past_diagonal, num_steps):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                                    step * QUERY_BLOCK + offs_m0, offs_n, offs_d, seq_len, qk_scale, HEAD_DIM,
+                                    False, DOT_PRECISION)  # fmt: skip
 
         tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
@@ -273,19 +247,18 @@ def attention_backward_with_influence(
     per_head = torch.zeros(bsz, num_q_heads, nb, nb, dtype=torch.float32, device=query.device)
     strides = (query.stride(0), query.stride(1), key.stride(0), key.stride(1))
     precision = dot_precision(query.dtype)
-    interpreted = not query.is_cuda  # see the loops of _bwd_dq_influence
     # Triton launches on the current device: make it the tensors' (a device_map-sharded model spans GPUs)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         _bwd_dq_influence[(nb, num_q_heads, bsz)](
             query, key, value, out, grad_out, dq, lse2, delta, per_head, *strides, seq_len, scale,
             GROUP=group, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
-            INTERPRET_BLOCKS=nb if interpreted else 0, DOT_PRECISION=precision,
+            DOT_PRECISION=precision,
             num_warps=launch.dq_warps, num_stages=launch.dq_stages,
         )  # fmt: skip
         _bwd_dkdv[(math.ceil(seq_len / launch.key_block), num_kv_heads, bsz)](
             query, key, value, grad_out, dk, dv, lse2, delta, *strides, seq_len, scale,
             GROUP=group, KEY_BLOCK=launch.key_block, QUERY_BLOCK=launch.query_block, HEAD_DIM=head_dim,
-            INTERPRET_STEPS=math.ceil(seq_len / launch.query_block) if interpreted else 0, DOT_PRECISION=precision,
+            DOT_PRECISION=precision,
             num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages,
         )  # fmt: skip
     return dq, dk, dv, per_head.sum(0).reshape(num_kv_heads, group, nb, nb).sum(1)
