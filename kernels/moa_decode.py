@@ -107,8 +107,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _moa_decode_split(
-        Q, CacheK, CacheV, SlotPos, HeadOff, HeadCap, QPos, Alpha, Beta,
-        WorkHead, WorkSplit, WorkStart, WorkCount, PartO, PartLse, Counter, Out,
+        Q, CacheK, CacheV, SlotPos, Items, QPos, PartO, PartLse, Counter, Out,
         stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
         stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
         num_kv_heads, sm_scale_log2,
@@ -118,22 +117,25 @@ if HAS_TRITON:
     ):  # fmt: skip
         w = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
-        g = tl.load(WorkHead + w)  # -1: this item has no work
-        split = tl.load(WorkSplit + w)
-        g_safe = tl.maximum(g, 0).to(tl.int64)
-        head_first = tl.load(HeadOff + g_safe).to(tl.int64)
-        head_end = head_first + tl.load(HeadCap + g_safe).to(tl.int64)
-        first = head_first + split * SPLIT_LEN
+        # the item's record in one load (decode_items): head (-1: no work), head slots, split, splits, first split
+        field = tl.arange(0, 8)
+        rec = tl.load(Items + w * 8 + field)
+        g = tl.sum(tl.where(field == 0, rec, 0))
+        g_safe = tl.maximum(g, 0)
+        head_first = tl.sum(tl.where(field == 1, rec, 0))
+        head_end = tl.sum(tl.where(field == 2, rec, 0))
+        first = tl.sum(tl.where(field == 3, rec, 0))
         stop = tl.where(g >= 0, tl.minimum(first + SPLIT_LEN, head_end), first)
-        count = tl.load(WorkCount + g_safe)  # splits of this head
+        count = tl.sum(tl.where(field == 4, rec, 0))  # splits of this head
+        alpha = tl.sum(tl.where(field == 6, rec, 0)).to(tl.float64, bitcast=True)
+        beta = tl.sum(tl.where(field == 7, rec, 0)).to(tl.float64, bitcast=True)
 
         offs_g = tl.arange(0, BLOCK_G)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_group = offs_g < GROUP
         qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
-        lo = window_edge(qp, tl.load(Alpha + g_safe).to(tl.float64), tl.load(Beta + g_safe).to(tl.float64),
-                         SINK, MIN_SPAN)  # fmt: skip
+        lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
         first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
         # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
         q_ptrs = Q + b * stride_qb + (g_safe * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
@@ -182,7 +184,7 @@ if HAS_TRITON:
                     if ticket == count - 1:
                         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
                         _merge_splits(
-                            PartO, PartLse, Out, b, g_safe, tl.load(WorkStart + g_safe), count,
+                            PartO, PartLse, Out, b, g_safe, tl.sum(tl.where(field == 5, rec, 0)), count,
                             stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
                             GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
                         )  # fmt: skip
@@ -239,7 +241,20 @@ def decode_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: i
     return work_head, work_split, starts.to(torch.int32), count.to(torch.int32)
 
 
+def decode_items(head_offset, head_capacity, alpha, beta, split_len: int, total_slots: int) -> torch.Tensor:
+    """[W, 8] int64 item records for the split kernel, one load per program: head (-1: none), the head's first
+    and end slot, the split's first slot, the head's split count and first item, and the bits of the head's
+    float64 alpha and beta (``decode_work_list`` order)."""
+    head, split, start, count = (x.to(torch.int64) for x in decode_work_list(head_capacity, split_len, total_slots))
+    g = head.clamp(min=0)
+    off, cap = head_offset.to(torch.int64)[g], head_capacity.to(torch.int64)[g]
+    bits = lambda x: x.to(torch.float64).contiguous().view(torch.int64)[g]  # noqa: E731
+    cols = (head, off, off + cap, off + split * split_len, count[g], start[g], bits(alpha), bits(beta))
+    return torch.stack(cols, 1).contiguous()
+
+
 _WORK_LISTS = TensorMemo()
+_ITEMS = TensorMemo()
 
 
 def _capturing(device: torch.device) -> bool:
@@ -255,6 +270,13 @@ def _cached_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: 
     compute = lambda: decode_work_list(head_capacity, split_len, total_slots)  # noqa: E731
     store = not _capturing(head_capacity.device)
     return _WORK_LISTS.get((head_capacity,), (split_len, total_slots), compute, store=store)
+
+
+def _cached_items(head_offset, head_capacity, alpha, beta, split_len: int, total_slots: int) -> torch.Tensor:
+    """decode_items, reused while these tensors live unchanged (recomputed, not kept, inside a capture)."""
+    compute = lambda: decode_items(head_offset, head_capacity, alpha, beta, split_len, total_slots)  # noqa: E731
+    store = not _capturing(head_capacity.device)
+    return _ITEMS.get((head_offset, head_capacity, alpha, beta), (split_len, total_slots), compute, store=store)
 
 
 _COUNTERS: dict = {}
@@ -275,21 +297,18 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
     return buf
 
 
-# d=128 bf16: (most rows, most rows x cache slots, launch config), the first entry holding a call wins. Few rows
-# want few, long splits (the merge of many splits is serial per head); more rows, more splits. Winners of the H200
-# decode sweep of 2026-11-24 17:5x UTC (.gpu_stage sweep over BLOCK_N x warps x stages x programs per SM, at 8k/32k/128k
-# x 1 row, 8k/32k x 16 and 8k x 64 rows; RESULTS.md); the third entry (memory-filling batches, as bench_e2e runs them)
-# from the 20:3x sweep at its batch shapes (4.6k x 371 ... 34.8k x 48 rows; sweep_decode.py ... e2e); the first
-# (one or two rows) from the 21:4x sweep of longer splits (sweep_decode.py ... small: 32k / 128k x 1 rows, 7-16% faster).
-# benchmarks/bench_attention.py --sweep re-times one shape per entry.
+# d=128 bf16: (most rows, most rows x cache slots, launch config), the first entry holding a call wins. One or two
+# rows: the split kernel with few, long splits (the merge of many pieces is serial per head; the 2026-11-24 21:4x
+# sweep, sweep_decode.py ... small). More rows: the balanced kernel (moa_decode_balanced.py, one wave of equal
+# programs), which beat the best split config by 1-7% from 8k x 16 up to 128k x 64 and 4.6k x 371 rows in the
+# 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md). benchmarks/bench_attention.py --sweep
+# re-times one shape per entry.
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
-    (2**62, 2**22, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "fused_merge": True,
+    (2**62, 2**22, {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4,
                     "merge_splits": 16}),
-    (2**62, 2**24, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16, "fused_merge": True,
-                    "merge_splits": 16, "split_cap": 4096}),
-    (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "programs_per_sm": 8, "fused_merge": True,
+    (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
                     "merge_splits": 16}),
 ]  # fmt: skip
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
@@ -311,11 +330,13 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     total_slots = cache_keys.shape[1] - 1
     if config is None:
         config = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots)
+    if config.get("balanced"):
+        return launch_balanced(query, cache, q_pos, alpha, beta, scale, sink, min_span, config)
     split_len = config.get("split_len") or decode_split_len(
         bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], config.get("split_cap", 4096)
     )
-    work_head, work_split, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
-    num_items = work_head.numel()
+    items = _cached_items(head_offset, head_capacity, alpha, beta, split_len, total_slots)
+    num_items = items.shape[0]
     part_o = torch.empty(bsz, num_items, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_items, group, device=query.device, dtype=torch.float32)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
@@ -328,8 +349,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     merge_splits = config.get("merge_splits", 8)  # splits merged per step: [merge_splits, group, D] fp32 at once
     part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     _moa_decode_split[(num_items, bsz)](
-        q, cache_keys, cache_values, slot_pos, head_offset, head_capacity, q_pos, alpha, beta,
-        work_head, work_split, work_start, work_count, part_o, part_lse, counters, out,
+        q, cache_keys, cache_values, slot_pos, items, q_pos, part_o, part_lse, counters, out,
         q.stride(0), q.stride(1), cache_keys.stride(0), cache_keys.stride(1),
         cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0), q_pos.stride(0),
         *part_strides, out.stride(0), out.stride(1),
@@ -339,6 +359,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         FUSED_MERGE=fused, DOT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     if not fused:
+        _, _, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
         _moa_decode_merge[(num_kv_heads, bsz)](
             part_o, part_lse, work_start, work_count, out, *part_strides, out.stride(0), out.stride(1),
             GROUP=group, MERGE_G=merge_g, HEAD_DIM=head_dim, BLOCK_S=merge_splits,
@@ -383,3 +404,6 @@ def moa_decode_ref(
     """Pure-torch ``moa_decode``: the reference over each head's slots (host-side gather, not graph-safe)."""
     keys, values, pos = gather_head_slots(cache_keys, cache_values, slot_pos, head_offset, head_capacity)
     return moa_attention_ref(query, keys, values, q_pos.reshape(-1, 1), pos, alpha, beta, sink, min_span, scale)
+
+
+from .moa_decode_balanced import launch_balanced  # noqa: E402  (it builds on this module's kernel helpers)

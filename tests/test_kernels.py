@@ -59,6 +59,20 @@ def plan_tensors(plan: dict):
     return torch.tensor(plan["alpha"], device=DEVICE), torch.tensor(plan["beta"], device=DEVICE)
 
 
+# the balanced kernel with a few programs, so that (row, head) pairs are cut into pieces at tile boundaries
+BALANCED = {"balanced": True, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "num_programs": 5, "merge_splits": 4}
+
+
+def decode_call(kernel: str, query, cache, q_pos, alpha, beta, sink: int, min_span: int, **config):
+    """moa_decode through the split kernel (the default config) or the balanced kernel."""
+    if kernel == "split":
+        return decode.moa_decode(query, *cache, q_pos, alpha, beta, sink, min_span)
+    conf = dict(BALANCED, **config) if INTERPRET else {"balanced": True, "BLOCK_N": 64, "num_warps": 2,
+                                                       "num_stages": 2, "programs_per_sm": 4, **config}  # fmt: skip
+    scale = query.shape[-1] ** -0.5
+    return decode._launch_decode(query, cache, q_pos, alpha.to(DEVICE), beta.to(DEVICE), scale, sink, min_span, conf)
+
+
 def torch_same_dtype(query, key, value, q_pos, k_pos, alpha, beta, sink, min_span):
     """Plain torch in the inputs' dtype: masked SDPA with repeated K/V (the drift yardstick)."""
     group = query.shape[1] // key.shape[1]
@@ -207,8 +221,9 @@ def test_decode_matches_reference(name, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kernel", ["split", "balanced"])
 @pytest.mark.parametrize("name", sorted(PLANS))
-def test_decode_reads_only_the_visible_arc_of_roomy_rings(name):
+def test_decode_reads_only_the_visible_arc_of_roomy_rings(name, kernel):
     """Rings much longer than the window (a static cache sized for later, a grown cache's slack): rows whose
     window arc wraps, does not wrap, starts in the sink, or has no window yet, give the reference result."""
     plan = PLANS[name]
@@ -221,7 +236,7 @@ def test_decode_reads_only_the_visible_arc_of_roomy_rings(name):
     q_pos = torch.tensor(lengths, device=DEVICE) - 1
     query = torch.randn(len(lengths), plan["hq"], 1, head_dim, device=DEVICE)
     rule = (alpha, beta, plan["sink"], plan["min_span"])
-    out = decode.moa_decode(query, *cache, q_pos, *rule)
+    out = decode_call(kernel, query, cache, q_pos, *rule)
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
     assert rel_err(out, ref64) < 1e-5
 
@@ -242,8 +257,9 @@ def ring_cases(cache, q_pos, lo, sink: int) -> set[str]:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kernel", ["split", "balanced"])
 @pytest.mark.parametrize("name", sorted(PLANS))
-def test_decode_never_reads_a_slot_it_cannot_see(name):
+def test_decode_never_reads_a_slot_it_cannot_see(name, kernel):
     """K and V of every slot the query cannot see (empty, evicted, out of the window, in the gap of a ring with
     room) are NaN: one read of them would make the output NaN (p = 0 times NaN), so the kernel reads none."""
     plan = PLANS[name]
@@ -266,7 +282,7 @@ def test_decode_never_reads_a_slot_it_cannot_see(name):
     pos = slot_pos.long()
     seen = (pos >= 0) & (pos <= q_pos[:, None]) & ((pos < plan["sink"]) | (pos >= lo_of_slot))
     cache_k[~seen], cache_v[~seen] = float("nan"), float("nan")
-    out = decode.moa_decode(query, cache_k, cache_v, slot_pos, offsets, caps_t, q_pos, *rule)
+    out = decode_call(kernel, query, (cache_k, cache_v, slot_pos, offsets, caps_t), q_pos, *rule)
     assert not out.isnan().any()
     assert rel_err(out, ref64) < 1e-5
 
@@ -393,14 +409,53 @@ def test_decode_merge_variants_and_repeated_calls(fused):
     query, cache, rule = decode_setup(plan, lengths)
     cache = (*cache[:3], cache[3].to(torch.int64), cache[4].to(torch.int64))
     q_pos = torch.stack([torch.tensor(lengths, device=DEVICE) - 1, torch.zeros(4, device=DEVICE, dtype=torch.long)], 1)
-    config = dict(decode._INTERPRETER_CONFIG, fused_merge=fused) if INTERPRET else dict(decode.decode_config(4, 300),
-                                                                                        fused_merge=fused)  # fmt: skip
+    split = decode._INTERPRETER_CONFIG if INTERPRET else decode.DECODE_CONFIGS[0][-1]  # the split kernel
+    config = dict(split, fused_merge=fused)
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
     for _ in range(3):
         out = decode._launch_decode(query, cache, q_pos[:, 0], *rule[:2], 16**-0.5, *rule[2:], config=config)
         assert rel_err(out, ref64) < 1e-5
     if fused:
         assert int(decode._split_counters(query.device, 1).abs().sum()) == 0  # every ticket back at zero
+
+
+@needs_interpreter
+@pytest.mark.parametrize("programs", [1, 2, 5, 13, 200])
+def test_balanced_decode_any_program_count_and_repeated_calls(programs):
+    """The balanced kernel cut at any number of programs (one program for all, pairs in 2..many pieces, more
+    programs than tiles) agrees with the reference call after call, its tickets back at zero; int64 head
+    tensors and a strided q_pos are read as they are."""
+    plan = PLANS["gqa_sink5"]
+    lengths = [150, 9, 97, 33]
+    query, cache, rule = decode_setup(plan, lengths)
+    cache = (*cache[:3], cache[3].to(torch.int64), cache[4].to(torch.int64))
+    q_pos = torch.stack([torch.tensor(lengths, device=DEVICE) - 1, torch.zeros(4, device=DEVICE, dtype=torch.long)], 1)
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
+    for _ in range(2):
+        out = decode_call("balanced", query, cache, q_pos[:, 0], *rule, num_programs=programs)
+        assert rel_err(out, ref64) < 1e-5
+    assert int(decode._split_counters(query.device, 1).abs().sum()) == 0
+
+
+def test_balanced_head_meta_and_pieces_bound():
+    balanced = remote_module("moa_decode_balanced")
+    caps = torch.tensor([5, 300, 64, 129], dtype=torch.int32)
+    offsets = torch.cumsum(caps, 0) - caps
+    alpha, beta = torch.tensor([1.5, -2.0, 0.1, 7.0], dtype=torch.float64), torch.tensor([0.0, 0.3, 1.0, 0.7])
+    meta = balanced.head_meta(offsets, caps, alpha, beta, 64)
+    assert meta[:, 0].tolist() == offsets.tolist() and meta[:, 1].tolist() == caps.tolist()
+    assert torch.equal(meta[:, 2].view(torch.float64), alpha)
+    assert torch.equal(meta[:, 3].view(torch.float64), beta.double())
+    tiles = [1, 5, 1, 3]  # ceil(cap / 64)
+    assert meta[:, 4].tolist() == [0, 1, 6, 7] and meta[:, 5].tolist() == [sum(tiles)] * 4
+    # the bound on pieces per (row, head) holds for every cut: P programs over rows of R tiles
+    for rows, programs in ((1, 7), (3, 5), (4, 100), (2, 1)):
+        per_prog = -(-rows * sum(tiles) // programs)
+        for b in range(rows):
+            for g in range(4):
+                first = b * sum(tiles) + int(meta[g, 4])
+                pieces = (first + tiles[g] - 1) // per_prog - first // per_prog + 1
+                assert pieces <= balanced.pieces_bound(programs, rows)
 
 
 @needs_interpreter
@@ -445,14 +500,21 @@ def test_decode_and_prefill_launch_no_torch_ops(monkeypatch):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fused", [True, False])
-def test_gpu_decode_many_splits_graph_replays(fused):
-    """Dozens of splits per head race to merge: 20 graph replays with fresh queries all match float64."""
+@pytest.mark.parametrize("variant", ["fused", "separate merge", "balanced", "balanced, few programs"])
+def test_gpu_decode_many_splits_graph_replays(variant):
+    """Dozens of splits (or balanced pieces) per head race to merge: 20 graph replays with fresh queries all
+    match float64."""
     plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
     lengths = [6000, 3001, 5999, 7]  # the long heads get ~40 splits of 128 slots
     query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, 128)
     q_pos = torch.tensor(lengths, device=DEVICE) - 1
-    config = dict(decode.decode_config(len(lengths), cache[0].shape[1] - 1), fused_merge=fused)
+    split = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "merge_splits": 16}
+    config = {
+        "fused": dict(split, fused_merge=True),
+        "separate merge": dict(split, fused_merge=False),
+        "balanced": {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4},
+        "balanced, few programs": {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "num_programs": 7},
+    }[variant]
     call = lambda: decode._launch_decode(query, cache, q_pos, *rule[:2], 128**-0.5, *rule[2:], config=config)  # noqa: E731
     call()  # compile and cache the work list before the capture
     graph = torch.cuda.CUDAGraph()

@@ -1,0 +1,201 @@
+"""Balanced MoA decode: every program reads the same number of cache tiles, in one wave of the device.
+
+The split kernel (``moa_decode._moa_decode_split``) cuts each head into splits of a fixed length: a head's
+last split is partial, and the number of (row, split) programs is rarely a multiple of the programs the
+device runs at once, so the last wave runs part-empty. Here the tiles of ``BLOCK_N`` slots of every
+(row, kv head) are laid end to end (rows, then the heads of a row, then a head's tiles), and program ``p``
+of ``P`` takes tiles ``[p * T, (p + 1) * T)`` with ``T = ceil(rows * tiles per row / P)``. A program walks
+its range one (row, head) segment at a time: the segment's visible part (``_visible_part``: only slots the
+query can see are read), then a partial output and log-sum-exp. The pieces of a (row, head) come from a run
+of consecutive programs, known by arithmetic: piece ``p - first program`` of that pair. As in the split
+kernel, a pair done by one program writes its output, and otherwise the last piece to finish (an atomic
+ticket, reset by it) merges them. Every head's offset, capacity, alpha, beta and first tile come from one
+load of a small table (``head_meta``, built once per plan). Static shapes: one launch, no host
+synchronisation, capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moa_decode import _capturing, _merge_splits, _num_sms, _split_counters, _visible_part
+from .moa_tensor_cache import TensorMemo
+from .moa_window import dot_precision
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .moa_window import window_edge
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs fall back to the torch reference
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _moa_decode_balanced(
+        Q, CacheK, CacheV, SlotPos, HeadMeta, QPos, PartO, PartLse, Counter, Out,
+        stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
+        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+        num_kv_heads, bsz, num_programs, pieces_per_pair, sm_scale_log2,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
+        MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        p = tl.program_id(0).to(tl.int64)
+        # every head's (offset, capacity, alpha, beta, first tile, tiles per row) in one load (head_meta); rows
+        # past Hkv get a first tile no tile reaches
+        offs_h = tl.arange(0, BLOCK_H)
+        col = tl.arange(0, 8)[None, :]
+        meta = tl.load(HeadMeta + offs_h[:, None] * 8 + col, mask=(offs_h < num_kv_heads)[:, None], other=2**62)
+        head_tile = tl.sum(tl.where(col == 4, meta, 0), 1)  # [BLOCK_H]
+        per_row = tl.sum(tl.where((offs_h == 0)[:, None] & (col == 5), meta, 0))
+        total = bsz * per_row
+        per_prog = (total + num_programs - 1) // num_programs
+        t = p * per_prog  # global tile index: rows, then the heads of a row, then a head's tiles of BLOCK_N slots
+        end = tl.minimum(t + per_prog, total)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_group = offs_g < GROUP
+        while t < end:
+            b = t // per_row
+            r = t - b * per_row  # tile of the row
+            g = tl.sum((head_tile <= r).to(tl.int64)) - 1  # the head holding tile r
+            row = tl.sum(tl.where((offs_h == g)[:, None], meta, 0), 0)  # [8]: head g's fields
+            field = tl.arange(0, 8)
+            head_first = tl.sum(tl.where(field == 0, row, 0))
+            head_end = head_first + tl.sum(tl.where(field == 1, row, 0))
+            alpha = tl.sum(tl.where(field == 2, row, 0)).to(tl.float64, bitcast=True)
+            beta = tl.sum(tl.where(field == 3, row, 0)).to(tl.float64, bitcast=True)
+            g_tile0 = tl.sum(tl.where(field == 4, row, 0))
+            g_tile1 = g_tile0 + (head_end - head_first + BLOCK_N - 1) // BLOCK_N
+            seg_end = tl.minimum(end, b * per_row + g_tile1)
+            first = head_first + (r - g_tile0) * BLOCK_N
+            stop = tl.minimum(head_first + (seg_end - b * per_row - g_tile0) * BLOCK_N, head_end)
+            qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
+            lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
+            first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
+            q_ptrs = Q + b * stride_qb + (g * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+            q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
+
+            m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+            for start in range(first, stop, BLOCK_N):
+                virtual = start + offs_n
+                ok = virtual < stop
+                slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
+                kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
+                k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
+                v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
+                visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+                qk = tl.where(visible[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p_ij = tl.math.exp2(qk - m_safe[:, None])
+                corr = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * corr + tl.sum(p_ij, 1)
+                acc = acc * corr[:, None] + tl.dot(p_ij.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+            has = l_i > 0
+            out = acc / tl.where(has, l_i, 1.0)[:, None]
+            lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            # the programs holding this (row, head): a run from first_prog, found from the tile ranges
+            first_prog = (b * per_row + g_tile0) // per_prog
+            pieces = (b * per_row + g_tile1 - 1) // per_prog - first_prog + 1
+            if pieces == 1:
+                o_ptrs = Out + b * stride_ob + (g * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
+            else:
+                w = g * pieces_per_pair + (p - first_prog)
+                part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
+                tl.store(part_o, out, mask=in_group[:, None])
+                tl.store(PartLse + b * stride_lb + w * stride_lw + offs_g, lse, mask=in_group)
+                tl.debug_barrier()  # every thread's stores precede the ticket (see moa_decode._moa_decode_split)
+                counter = Counter + b * num_kv_heads + g
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if ticket == pieces - 1:
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                    _merge_splits(
+                        PartO, PartLse, Out, b, g, g * pieces_per_pair, pieces,
+                        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+                        GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
+                    )  # fmt: skip
+            t = seg_end
+
+
+def head_meta(head_offset, head_capacity, alpha, beta, block_n: int) -> torch.Tensor:
+    """[Hkv, 8] int64 on the device, a row per head: slot offset, capacity, the bits of the float64 alpha and
+    beta, the head's first tile of ``block_n`` slots in a row, the tiles per row, and two unused fields."""
+    cap = head_capacity.to(torch.int64)
+    tiles = (cap + block_n - 1) // block_n
+    first_tile = torch.cumsum(tiles, 0) - tiles
+    bits = lambda x: x.to(torch.float64).contiguous().view(torch.int64)  # noqa: E731
+    zero = torch.zeros_like(cap)
+    cols = (head_offset.to(torch.int64), cap, bits(alpha), bits(beta), first_tile, tiles.sum().expand_as(cap))
+    return torch.stack((*cols, zero, zero), 1).contiguous()
+
+
+def pieces_bound(num_programs: int, bsz: int) -> int:
+    """A bound on the programs sharing one (row, kv head), for any capacities: a pair's slots are at most a row's
+    (C), each program takes ceil(bsz * C / P) >= bsz * C / P of them, and a run may start and end part-way."""
+    return num_programs // bsz + 2
+
+
+_METAS = TensorMemo()
+
+
+def _cached_meta(head_offset, head_capacity, alpha, beta, block_n: int) -> torch.Tensor:
+    """head_meta, reused while these tensors live unchanged (recomputed, not kept, inside a capture)."""
+    compute = lambda: head_meta(head_offset, head_capacity, alpha, beta, block_n)  # noqa: E731
+    store = not _capturing(head_capacity.device)
+    return _METAS.get((head_offset, head_capacity, alpha, beta), (block_n,), compute, store=store)
+
+
+def balanced_programs(bsz: int, total_slots: int, num_sms: int, programs_per_sm: float, block_n: int) -> int:
+    """Programs of a balanced launch: programs_per_sm per SM, never more than there are tiles of block_n slots."""
+    return int(max(1, min(-(-bsz * total_slots // block_n), round(programs_per_sm * num_sms))))
+
+
+def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config: dict):
+    """The balanced kernel on ``moa_decode._launch_decode``'s arguments; config: BLOCK_N, num_warps, num_stages,
+    programs_per_sm, merge_splits, and optionally num_programs (tests)."""
+    cache_keys, cache_values, slot_pos, head_offset, head_capacity = cache
+    bsz, num_q_heads, _, head_dim = query.shape
+    num_kv_heads = head_capacity.numel()
+    group = num_q_heads // num_kv_heads
+    block_n = config["BLOCK_N"]
+    total_slots = cache_keys.shape[1] - 1
+    programs = config.get("num_programs") or balanced_programs(
+        bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], block_n
+    )
+    pieces = pieces_bound(programs, bsz)
+    meta = _cached_meta(head_offset, head_capacity, alpha, beta, block_n)
+    part_o = torch.empty(bsz, num_kv_heads * pieces, group, head_dim, device=query.device, dtype=torch.float32)
+    part_lse = torch.empty(bsz, num_kv_heads * pieces, group, device=query.device, dtype=torch.float32)
+    out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
+    counters = _split_counters(query.device, bsz * num_kv_heads)
+    q = query[:, :, 0]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    merge_g = triton.next_power_of_2(group)
+    _moa_decode_balanced[(programs,)](
+        q, cache_keys, cache_values, slot_pos, meta, q_pos, part_o, part_lse, counters, out,
+        q.stride(0), q.stride(1), cache_keys.stride(0), cache_keys.stride(1),
+        cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0), q_pos.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), num_kv_heads, bsz, programs, pieces, scale * 1.4426950408889634,
+        GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
+        BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
+        DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return out
