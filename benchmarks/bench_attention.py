@@ -291,10 +291,10 @@ def check_correct(cfg) -> dict:
     cache = decode_cache(3, n, alpha, beta, sink, ms, d)
     dq = torch.randn(3, hq, 1, d, device=DEV, dtype=DTYPE)
     dpos = torch.full((3,), n - 1, device=DEV)
-    dout = decode.moa_decode(dq, *cache, dpos, *rule)
+    dout = decode.moa_decode(dq, *cache, dpos, *rule)  # 3 rows: the balanced kernel (DECODE_CONFIGS)
     dref = decode.moa_decode_ref(dq.double(), cache[0].double(), cache[1].double(), *cache[2:], dpos, *rule)
     result = {"prefill_rel_err": rel(out, ref), "decode_rel_err": rel(dout, dref)}
-    for fused in (True, False):  # both merge variants, with small splits (many per head)
+    for fused in (True, False):  # the split kernel's two merge variants, with small splits (many per head)
         conf = {"BLOCK_N": 16 if decode.INTERPRETED else 64, "num_warps": 1 if decode.INTERPRETED else 4,
                 "num_stages": 1 if decode.INTERPRETED else 3, "split_len": 32 if decode.INTERPRETED else 128,
                 "fused_merge": fused}  # fmt: skip
