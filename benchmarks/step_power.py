@@ -1,0 +1,65 @@
+"""How the MoA decode step time depends on how long the GPU has run (power limit): runs of 4, 24, 96, 4, 24
+steps back to back at 4k+1k x 372 rows (Llama-3-8B shape, MoA 50%, the twin), with nvidia-smi's clocks and power
+sampled every 100 ms.
+
+    PYTHONPATH=. python benchmarks/step_power.py            # writes $OUT/run_length.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import bench_e2e as e2e  # noqa: E402
+from moa_hub.apply import moa_twin, set_plan  # noqa: E402
+
+
+def main() -> None:
+    dense = e2e.build("llama-3-8b")
+    moa = moa_twin(dense, e2e.plans(dense, 4096)["moa-50"])
+    total, mid, bsz = 5120, 4608, 372
+    plan = e2e.plans(dense, total)["moa-50"]
+    set_plan(moa, plan)
+    prompt = torch.randint(3, dense.config.vocab_size, (1, mid), device="cuda")
+    cache1, first = e2e.moa_prefill(moa, prompt, total)
+    cache = e2e.expand_rows(e2e.to_host(cache1), bsz)
+    loop = e2e.code_of(moa, "moa_generate").MoaDecodeLoop(moa, cache, max_steps=460)
+    loop.prime(first.expand(bsz), cache.layers[0].next_pos)
+    loop.run(3)
+    smi = subprocess.Popen(
+        [
+            "nvidia-smi",
+            "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
+            "--format=csv,noheader",
+            "-lms",
+            "100",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    res = {}
+    for steps in (4, 24, 96, 4, 24):
+        times = []
+        for _ in range(3):
+            e2e.sync()
+            t0 = time.perf_counter()
+            loop.run(steps)
+            e2e.sync()
+            times.append((time.perf_counter() - t0) / steps * 1e3)
+        res.setdefault(str(steps), []).append(times)
+        print("steps", steps, [round(t, 2) for t in times], flush=True)
+    smi.terminate()
+    lines = smi.stdout.read().strip().splitlines()
+    print("clocks during the runs (sm MHz, mem MHz, W, C):", lines[:: max(1, len(lines) // 12)])
+    json.dump(dict(times=res, smi=lines), open(os.environ.get("OUT", "/tmp") + "/run_length.json", "w"))
+
+
+if __name__ == "__main__":
+    main()
