@@ -28,35 +28,26 @@ def timed_module():
     """The balanced kernel's module, instrumented (a copy in a temporary folder, in the remote package)."""
     remote_package()
     src = (Path(__file__).resolve().parents[1] / "kernels" / "moa_decode_balanced.py").read_text()
-    src = src.replace("PartO, PartLse, Counter, Out,\n", "PartO, PartLse, Counter, Out, Timer,\n", 1)
-    src = src.replace(
-        "        p = tl.program_id(0).to(tl.int64)\n",
-        "        p = tl.program_id(0).to(tl.int64)\n        t_start = _now()\n        t_first = t_start\n        t_last = t_start\n        nseg = 0\n",
-        1,
-    )
-    src = src.replace(
-        "            for start in range(first, stop, BLOCK_N):\n",
-        "            t_first = tl.where(nseg == 0, _now(), t_first)\n            for start in range(first, stop, BLOCK_N):\n",
-        1,
-    )
-    src = src.replace(
-        "            has = l_i > 0\n",
-        "            t_last = _now()\n            nseg += 1\n            has = l_i > 0\n",
-        1,
-    )
-    src = src.replace(
-        "            t = seg_end\n",
-        "            t = seg_end\n        t_end = _now()\n        sm = tl.inline_asm_elementwise('mov.u32 $0, %smid;', '=r', [], dtype=tl.int32, is_pure=False, pack=1)\n"
-        "        tl.store(Timer + p * 6 + 0, t_start)\n        tl.store(Timer + p * 6 + 1, t_first)\n        tl.store(Timer + p * 6 + 2, t_last)\n"
-        "        tl.store(Timer + p * 6 + 3, t_end)\n        tl.store(Timer + p * 6 + 4, sm.to(tl.int64))\n        tl.store(Timer + p * 6 + 5, nseg.to(tl.int64))\n",
-        1,
-    )
-    src = src.replace(
-        "if HAS_TRITON:\n",
-        "if HAS_TRITON:\n\n    @triton.jit\n    def _now():\n        return tl.inline_asm_elementwise('mov.u64 $0, %globaltimer;', '=l', [], dtype=tl.int64, is_pure=False, pack=1)\n",
-        1,
-    )
-    src = src.replace("part_o, part_lse, counters, out,\n", "part_o, part_lse, counters, out, TIMER,\n", 1)
+    now = "tl.inline_asm_elementwise('mov.u64 $0, %globaltimer;', '=l', [], dtype=tl.int64, is_pure=False, pack=1)"
+    smid = "tl.inline_asm_elementwise('mov.u32 $0, %smid;', '=r', [], dtype=tl.int32, is_pure=False, pack=1)"
+    stores = "".join(f"        tl.store(Timer + p * 6 + {i}, {x})\n" for i, x in enumerate(
+        ("t_start", "t_first", "t_last", "t_end", "sm.to(tl.int64)", "nseg.to(tl.int64)")))  # fmt: skip
+    edits = [  # (anchor, text put before it, text put after it): each anchor must be found once
+        ("PartO, PartLse, Counter, Out,\n", "", ""),
+        ("        p = tl.program_id(0).to(tl.int64)\n", "",
+         "        t_start = _now()\n        t_first = t_start\n        t_last = t_start\n        nseg = 0\n"),
+        ("            out, lse = _attend_range(\n", "            t_first = tl.where(nseg == 0, _now(), t_first)\n", ""),
+        ("            # the programs holding this (row, head)", "            t_last = _now()\n            nseg += 1\n", ""),
+        ("            t = seg_end\n", "", f"        t_end = _now()\n        sm = {smid}\n" + stores),
+        ("if HAS_TRITON:\n", "", f"\n    @triton.jit\n    def _now():\n        return {now}\n"),
+        ("part_o, part_lse, counters, out,\n", "", ""),
+    ]  # fmt: skip
+    for anchor, before, after in edits:
+        if src.count(anchor) != 1:
+            raise SystemExit(f"decode_timeline: the kernel changed, {anchor!r} is not found once: update the edits")
+        src = src.replace(anchor, before + anchor + after)
+    src = src.replace("PartO, PartLse, Counter, Out,\n", "PartO, PartLse, Counter, Out, Timer,\n")
+    src = src.replace("part_o, part_lse, counters, out,\n", "part_o, part_lse, counters, out, TIMER,\n")
     path = os.path.join(tempfile.mkdtemp(), "moa_decode_balanced_timed.py")
     open(path, "w").write(src.replace("def launch_balanced(query,", "TIMER = None\n\n\ndef launch_balanced(query,"))
     spec = importlib.util.spec_from_file_location("moa_hub_remote.moa_decode_balanced_timed", path)

@@ -106,6 +106,77 @@ if HAS_TRITON:
         return head_first + v_first, head_first + v_first + n1 + n2, head_first + v_first + n1, gap_len
 
     @triton.jit
+    def _attend_range(
+        q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+        first, stop, gap_at, gap_len, qp, lo, sm_scale_log2,
+        BLOCK_G: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Attention of q [BLOCK_G, D] over the virtual slot range [first, stop) of row b (slot v + gap_len past
+        gap_at, see _visible_part), every key masked by its position: (output, log2-domain lse), -inf if none."""
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        for start in range(first, stop, BLOCK_N):
+            virtual = start + offs_n
+            ok = virtual < stop
+            slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
+            kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
+            k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
+            v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
+            visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+            qk = tl.where(visible[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            corr = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * corr + tl.sum(p, 1)
+            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        return out, lse
+
+    @triton.jit
+    def _write_or_merge(
+        out, lse, PartO, PartLse, Counter, Out, b, g, w, pieces, merge_first, valid,
+        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh, num_kv_heads,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """A piece of (row b, kv head g): the output itself when the pair has one piece, else partial w, and the
+        last of the pair's pieces to finish (its ticket) merges the pieces at merge_first, merge_first + 1, ...
+        (``valid`` false: an empty item, which stores its partial but takes no ticket and writes no output)."""
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_group = offs_g < GROUP
+        if pieces == 1:  # the pair's only piece: its result is the output
+            if valid:
+                o_ptrs = Out + b * stride_ob + (g * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
+        else:
+            part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
+            tl.store(part_o, out, mask=in_group[:, None])
+            tl.store(PartLse + b * stride_lb + w * stride_lw + offs_g, lse, mask=in_group)
+            if valid:
+                # the last piece of (row, head) to finish merges: every thread's stores precede the barrier, the
+                # acq_rel ticket publishes them and makes the others' visible to the last one
+                tl.debug_barrier()
+                counter = Counter + b * num_kv_heads + g
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if ticket == pieces - 1:
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+                    _merge_splits(
+                        PartO, PartLse, Out, b, g, merge_first, pieces,
+                        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+                        GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
+                    )  # fmt: skip
+
+    @triton.jit
     def _moa_decode_split(
         Q, CacheK, CacheV, SlotPos, Items, QPos, PartO, PartLse, Counter, Out,
         stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
@@ -131,7 +202,6 @@ if HAS_TRITON:
         beta = tl.sum(tl.where(field == 7, rec, 0)).to(tl.float64, bitcast=True)
 
         offs_g = tl.arange(0, BLOCK_G)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_group = offs_g < GROUP
         qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
@@ -140,57 +210,20 @@ if HAS_TRITON:
         # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
         q_ptrs = Q + b * stride_qb + (g_safe * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
-
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        for start in range(first, stop, BLOCK_N):
-            virtual = start + offs_n
-            ok = virtual < stop
-            slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
-            kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
-            k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
-            v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
-            visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
-            qk = tl.where(visible[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            corr = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * corr + tl.sum(p, 1)
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
-        part_lse = PartLse + b * stride_lb + w * stride_lw + offs_g
+        out, lse = _attend_range(
+            q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+            first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
         if FUSED_MERGE:
-            if count == 1:  # the head's only split: its result is the output
-                if g >= 0:
-                    o_ptrs = Out + b * stride_ob + (g_safe * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-                    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
-            else:
-                tl.store(part_o, out, mask=in_group[:, None])
-                tl.store(part_lse, lse, mask=in_group)
-                if g >= 0:
-                    # the last split of (row, head) to finish merges: every thread's stores precede the
-                    # barrier, the acq_rel ticket publishes them and makes the others' visible to the last one
-                    tl.debug_barrier()
-                    counter = Counter + b * num_kv_heads + g_safe
-                    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                    if ticket == count - 1:
-                        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
-                        _merge_splits(
-                            PartO, PartLse, Out, b, g_safe, tl.sum(tl.where(field == 5, rec, 0)), count,
-                            stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
-                            GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
-                        )  # fmt: skip
+            _write_or_merge(
+                out, lse, PartO, PartLse, Counter, Out, b, g_safe, w, count, tl.sum(tl.where(field == 5, rec, 0)),
+                g >= 0, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh, num_kv_heads,
+                GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
+            )  # fmt: skip
         else:
+            part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
             tl.store(part_o, out, mask=in_group[:, None])
-            tl.store(part_lse, lse, mask=in_group)
+            tl.store(PartLse + b * stride_lb + w * stride_lw + offs_g, lse, mask=in_group)
 
     @triton.jit
     def _moa_decode_merge(

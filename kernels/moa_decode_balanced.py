@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _capturing, _merge_splits, _num_sms, _split_counters, _visible_part
+from .moa_decode import _attend_range, _capturing, _num_sms, _split_counters, _visible_part, _write_or_merge
 from .moa_tensor_cache import TensorMemo
 from .moa_window import dot_precision
 
@@ -61,7 +61,6 @@ if HAS_TRITON:
         end = tl.minimum(t + per_prog, total)
 
         offs_g = tl.arange(0, BLOCK_G)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_group = offs_g < GROUP
         while t < end:
@@ -84,52 +83,18 @@ if HAS_TRITON:
             first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
             q_ptrs = Q + b * stride_qb + (g * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
             q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
-
-            m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-            for start in range(first, stop, BLOCK_N):
-                virtual = start + offs_n
-                ok = virtual < stop
-                slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
-                kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
-                k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
-                v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
-                visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-                qk = tl.where(visible[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p_ij = tl.math.exp2(qk - m_safe[:, None])
-                corr = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * corr + tl.sum(p_ij, 1)
-                acc = acc * corr[:, None] + tl.dot(p_ij.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
-
-            has = l_i > 0
-            out = acc / tl.where(has, l_i, 1.0)[:, None]
-            lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            out, lse = _attend_range(
+                q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+                first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
             # the programs holding this (row, head): a run from first_prog, found from the tile ranges
             first_prog = (b * per_row + g_tile0) // per_prog
             pieces = (b * per_row + g_tile1 - 1) // per_prog - first_prog + 1
-            if pieces == 1:
-                o_ptrs = Out + b * stride_ob + (g * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
-            else:
-                w = g * pieces_per_pair + (p - first_prog)
-                part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
-                tl.store(part_o, out, mask=in_group[:, None])
-                tl.store(PartLse + b * stride_lb + w * stride_lw + offs_g, lse, mask=in_group)
-                tl.debug_barrier()  # every thread's stores precede the ticket (see moa_decode._moa_decode_split)
-                counter = Counter + b * num_kv_heads + g
-                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                if ticket == pieces - 1:
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                    _merge_splits(
-                        PartO, PartLse, Out, b, g, g * pieces_per_pair, pieces,
-                        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
-                        GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
-                    )  # fmt: skip
+            _write_or_merge(
+                out, lse, PartO, PartLse, Counter, Out, b, g, g * pieces_per_pair + (p - first_prog), pieces,
+                g * pieces_per_pair, True, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+                num_kv_heads, GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
+            )  # fmt: skip
             t = seg_end
 
 
