@@ -57,18 +57,23 @@ def kernel_table(prof, steps: int) -> tuple[dict, list]:
     return {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}, rows
 
 
-def run_case(dense, moa, context: int, new: int, bsz: int, steps: int, fused: str) -> dict:
-    os.environ["MOA_FUSED"] = fused  # read when a step is traced (eager warm-up and capture)
+def midpoint_loop(dense, moa, context: int, new: int, bsz: int, max_steps: int):
+    """The MoA 50% plan of context + new on ``moa``, a prompt of the midpoint length prefilled once and its cache
+    copied to ``bsz`` rows, and a ``MoaDecodeLoop`` over it, warmed up (3 steps: eager, capture, replay)."""
     total, mid = context + new, context + new // 2
-    plan = e2e.plans(dense, total)["moa-50"]
-    set_plan(moa, plan)
+    set_plan(moa, e2e.plans(dense, total)["moa-50"])
     prompt = torch.randint(3, dense.config.vocab_size, (1, mid), device=e2e.DEV)
     cache1, first = e2e.moa_prefill(moa, prompt, total)
-    cache1 = e2e.to_host(cache1)
-    cache = e2e.expand_rows(cache1, bsz)
-    loop = e2e.code_of(moa, "moa_generate").MoaDecodeLoop(moa, cache, max_steps=3 + 5 * steps)
+    cache = e2e.expand_rows(e2e.to_host(cache1), bsz)
+    loop = e2e.code_of(moa, "moa_generate").MoaDecodeLoop(moa, cache, max_steps=3 + max_steps)
     loop.prime(first.expand(bsz), cache.layers[0].next_pos)
     loop.run(3)
+    return loop
+
+
+def run_case(dense, moa, context: int, new: int, bsz: int, steps: int, fused: str) -> dict:
+    os.environ["MOA_FUSED"] = fused  # read when a step is traced (eager warm-up and capture)
+    loop = midpoint_loop(dense, moa, context, new, bsz, 5 * steps)
     times = []
     for _ in range(3):
         e2e.sync()

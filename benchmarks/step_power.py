@@ -14,25 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_e2e as e2e  # noqa: E402
-from moa_hub.apply import moa_twin, set_plan  # noqa: E402
+from benchmarks import profile_step as ps  # noqa: E402
+from moa_hub.apply import moa_twin  # noqa: E402
 
 
 def main() -> None:
     dense = e2e.build("llama-3-8b")
     moa = moa_twin(dense, e2e.plans(dense, 4096)["moa-50"])
-    total, mid, bsz = 5120, 4608, 372
-    plan = e2e.plans(dense, total)["moa-50"]
-    set_plan(moa, plan)
-    prompt = torch.randint(3, dense.config.vocab_size, (1, mid), device="cuda")
-    cache1, first = e2e.moa_prefill(moa, prompt, total)
-    cache = e2e.expand_rows(e2e.to_host(cache1), bsz)
-    loop = e2e.code_of(moa, "moa_generate").MoaDecodeLoop(moa, cache, max_steps=460)
-    loop.prime(first.expand(bsz), cache.layers[0].next_pos)
-    loop.run(3)
+    loop = ps.midpoint_loop(dense, moa, 4096, 1024, 372, 3 * (4 + 24 + 96 + 4 + 24))
     smi = subprocess.Popen(
         [
             "nvidia-smi",
