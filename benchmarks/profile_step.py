@@ -15,7 +15,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -74,13 +73,7 @@ def midpoint_loop(dense, moa, context: int, new: int, bsz: int, max_steps: int):
 def run_case(dense, moa, context: int, new: int, bsz: int, steps: int, fused: str) -> dict:
     os.environ["MOA_FUSED"] = fused  # read when a step is traced (eager warm-up and capture)
     loop = midpoint_loop(dense, moa, context, new, bsz, 5 * steps)
-    times = []
-    for _ in range(3):
-        e2e.sync()
-        t0 = time.perf_counter()
-        loop.run(steps)
-        e2e.sync()
-        times.append((time.perf_counter() - t0) / steps * 1e3)
+    times = [t * 1e3 for t in e2e.time_steps(lambda: None, loop.run, steps, 3)[0]]
     out = dict(context=context, new=new, batch=bsz, fused=fused, step_ms_graph=round(statistics.median(times), 3))
     for label, fn in (("graph", lambda: loop.run(steps)), ("eager", None)):
         with profile(activities=[ProfilerActivity.CUDA if e2e.CUDA else ProfilerActivity.CPU]) as prof:

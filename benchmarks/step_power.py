@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,13 +36,7 @@ def main() -> None:
     )
     res = {}
     for steps in (4, 24, 96, 4, 24):
-        times = []
-        for _ in range(3):
-            e2e.sync()
-            t0 = time.perf_counter()
-            loop.run(steps)
-            e2e.sync()
-            times.append((time.perf_counter() - t0) / steps * 1e3)
+        times = [t * 1e3 for t in e2e.time_steps(lambda: None, loop.run, steps, 3)[0]]
         res.setdefault(str(steps), []).append(times)
         print("steps", steps, [round(t, 2) for t in times], flush=True)
     smi.terminate()
