@@ -315,20 +315,27 @@ def prefill_inputs(cfg, n: int, density: float):
 
 
 def sweep_prefill(cfg, bucket: int, n: int) -> dict:
-    """Time every prefill candidate at length n (density 25%) and install the best for PREFILL_CONFIGS[bucket]."""
-    query, key, value, q_pos, (alpha, beta, sink, min_span) = prefill_inputs(cfg, n, 0.25)
-    timings = {}
-    for bm, bn, warps, stages in cfg.prefill_candidates:
-        conf = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-        args = (query, key, value, q_pos, alpha, beta, None, cfg.head_dim**-0.5, sink, min_span, conf)
+    """Time every prefill candidate at length n (densities 50% and 25%); install the best sum in PREFILL_CONFIGS[bucket]."""
+    inputs = [prefill_inputs(cfg, n, density) for density in cfg.densities]
+    # each candidate's output against the installed config's (itself checked against float64 in check_correct)
+    expected = [prefill.moa_prefill(query, key, value, q_pos, *rule) for query, key, value, q_pos, rule in inputs]
+    timings: dict = {}
+    for bm, bn, warps, stages, pack in cfg.prefill_candidates:
+        conf = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "PACK": pack}
         try:
-            timings[json.dumps(conf)] = bench(lambda: prefill._launch_prefill(*args), rep_ms=cfg.sweep_rep_ms)  # noqa: B023
+            for (query, key, value, q_pos, (alpha, beta, sink, min_span)), want in zip(inputs, expected, strict=True):
+                args = (query, key, value, q_pos, alpha, beta, None, cfg.head_dim**-0.5, sink, min_span, conf)
+                if (err := rel(prefill._launch_prefill(*args), want)) > 1e-2:
+                    raise ValueError(f"output differs from the installed config's: rel err {err:.2e}")
+                t = bench(lambda: prefill._launch_prefill(*args), rep_ms=cfg.sweep_rep_ms)  # noqa: B023
+                timings.setdefault(json.dumps(conf), []).append(t)
         except Exception as exc:
+            timings.pop(json.dumps(conf), None)
             log("prefill config failed", conf, repr(exc)[:200])
-    log(f"prefill sweep n={n}", json.dumps(timings))
-    best = json.loads(min(timings, key=timings.get))
+    log(f"prefill sweep n={n} (ms at densities {cfg.densities})", json.dumps(timings))
+    best = json.loads(min(timings, key=lambda c: sum(timings[c])))
     prefill.PREFILL_CONFIGS[bucket] = (prefill.PREFILL_CONFIGS[bucket][0], best)
-    return {"n": n, "best": best, "ms": timings}
+    return {"n": n, "best": best, "ms": timings, "densities": cfg.densities}
 
 
 def decode_candidate(candidate: tuple) -> dict:
@@ -379,10 +386,12 @@ def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
     return {"n": n, "batch": bsz, "best": best, "ms": timings}
 
 
-def sweep(cfg) -> dict:
+def sweep(cfg, stages: tuple) -> dict:
     """Pick the launch configs on this device before the tables: prefill and decode, one shape per length bucket."""
-    chosen = {f"prefill_{n}": sweep_prefill(cfg, bucket, n) for bucket, n in enumerate(cfg.sweep_n)}
-    for bucket, (n, bsz) in enumerate(cfg.sweep_decode):
+    chosen = {}
+    if run_prefill in stages:
+        chosen = {f"prefill_{n}": sweep_prefill(cfg, bucket, n) for bucket, n in enumerate(cfg.sweep_n)}
+    for bucket, (n, bsz) in enumerate(cfg.sweep_decode if run_decode in stages else ()):
         chosen[f"decode_{n}x{bsz}"] = sweep_decode(cfg, bucket, n, bsz)
     log("# tables to paste into kernels/moa_prefill.py and kernels/moa_decode.py:\n" + config_tables())
     return chosen
@@ -411,9 +420,13 @@ class BenchConfig(argparse.Namespace):
     sweep_n = (1024, 4096, 16384, 65536)
     sweep_decode = ((32768, 1), (32768, 16), (131072, 64))
     sweep_rep_ms, prefill_rep_ms = 300, 1000
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    prefill_candidates = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-                          (128, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3))  # fmt: skip
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, PACK): BLOCK_M tile rows = PACK query heads x BLOCK_M / PACK positions
+    prefill_candidates = ((128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1), (64, 64, 4, 3, 1),
+                          (64, 32, 4, 3, 1), (128, 32, 4, 4, 1), (128, 128, 8, 2, 1), (64, 64, 4, 2, 1),
+                          (64, 128, 4, 3, 1), (128, 64, 8, 3, 4), (128, 128, 8, 2, 4), (128, 128, 8, 3, 4),
+                          (128, 64, 4, 3, 4), (128, 32, 4, 3, 4), (128, 32, 8, 3, 4), (64, 64, 4, 3, 4),
+                          (64, 32, 4, 3, 4), (256, 64, 8, 3, 4), (256, 32, 8, 3, 4), (128, 64, 8, 4, 4),
+                          (64, 128, 4, 3, 4), (128, 64, 8, 3, 2), (64, 64, 4, 3, 2))  # fmt: skip
     # split kernel: (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits); balanced kernel:
     # ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm)
     decode_candidates = ((64, 4, 4, 8, True, 8), (64, 4, 4, 8, False, 8), (64, 4, 4, 8, True, 16),
@@ -429,8 +442,9 @@ class BenchConfig(argparse.Namespace):
         """The issue's tables in about 5 minutes on one H200: fewer candidates, shorter timings, little flex."""
         cfg = cls()
         cfg.sweep_rep_ms, cfg.prefill_rep_ms, cfg.copy_mb = 100, 300, 2048
-        cfg.prefill_candidates = ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-                                  (128, 128, 8, 2))  # fmt: skip
+        cfg.prefill_candidates = ((64, 64, 4, 3, 1), (64, 32, 4, 3, 1), (128, 64, 8, 3, 4), (128, 128, 8, 2, 4),
+                                  (128, 64, 4, 3, 4), (128, 32, 4, 3, 4), (64, 64, 4, 3, 4), (64, 32, 4, 3, 4),
+                                  (256, 64, 8, 3, 4))  # fmt: skip
         cfg.decode_candidates = ((64, 4, 4, 8, True, 16), (64, 2, 3, 1, True, 16), (64, 2, 3, 4, True, 16),
                                  ("balanced", 64, 2, 2, 4), ("balanced", 64, 4, 3, 2))  # fmt: skip
         return cfg
@@ -441,7 +455,7 @@ class BenchConfig(argparse.Namespace):
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         cfg.decode_n, cfg.decode_b, cfg.prefill_n = (96,), (2,), (64, 100)
         cfg.check_n, cfg.sweep_n, cfg.sweep_decode, cfg.copy_mb = 70, (64, 80, 96, 100), ((96, 2),), 8
-        cfg.prefill_candidates = ((16, 16, 1, 1),)
+        cfg.prefill_candidates = ((16, 16, 1, 1, 1), (16, 16, 1, 1, 2))
         cfg.decode_candidates = ((16, 1, 1, 8, True, 8), (16, 1, 1, 8, False, 4), ("balanced", 16, 1, 1, 2))
         return cfg
 
@@ -500,7 +514,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the issue's tables in ~5 min (short sweep, flex 60 s)")
     parser.add_argument("--skip-flex", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--decode-only", action="store_true", help="skip the prefill table")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill table and its sweep")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the decode table and its sweep")
     parser.add_argument("--flex-budget-s", type=float, default=None, help="stop timing flex after this many s")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # numpy >= 2.4 vs triton 3.6's interpreter (see tests/conftest.py)
@@ -517,9 +532,10 @@ def main() -> None:
     info = {"env": environment(), "check": check_correct(cfg)}
     info["ceilings"] = device_ceilings(cfg.copy_mb)
     log(json.dumps(info))
-    info["chosen"] = {} if args.no_sweep else sweep(cfg)
+    stages = (run_decode,) if args.decode_only else (run_prefill,) if args.prefill_only else (run_decode, run_prefill)
+    info["chosen"] = {} if args.no_sweep else sweep(cfg, stages)
     rows: list = []
-    for stage in (run_decode,) if args.decode_only else (run_decode, run_prefill):
+    for stage in stages:
         stage(cfg, info["ceilings"], rows)
         (args.out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
         (args.out / "results.md").write_text(markdown(rows, info["ceilings"]))

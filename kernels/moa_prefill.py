@@ -1,6 +1,7 @@
 """Triton prefill kernel for MoA attention: causal flash attention over the sink and the band only.
 
-Each program owns one query block of one query head. It visits, in key-index space,
+Each program owns one block of query positions of ``PACK`` query heads of one GQA group (their rows stacked in
+one tile: the group's K/V tiles are read once for all of them). It visits, in key-index space,
 (1) the old cache slots of its kv head (chunked prefill / multi-turn only), (2) the key blocks that
 hold sink positions, (3) the band from the lowest window edge of its queries to the diagonal.
 Visibility inside every visited tile is the contract's, element by element, with the window edge
@@ -98,14 +99,20 @@ if HAS_TRITON:
         stride_pb, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
         seq_len, num_q_heads, sm_scale_log2,
         GROUP: tl.constexpr, SINK: tl.constexpr, MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CACHE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, HAS_CACHE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
+        # a tile row r is query head h0 + r // BLOCK_P at position index pid_m * BLOCK_P + r % BLOCK_P
+        BLOCK_P: tl.constexpr = BLOCK_M // PACK
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
         pid_bh = tl.program_id(1)
-        b = (pid_bh // num_q_heads).to(tl.int64)  # int64: offsets of large batches pass 2**31
-        h = (pid_bh % num_q_heads).to(tl.int64)
-        g = h // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        packs = num_q_heads // PACK
+        b = (pid_bh // packs).to(tl.int64)  # int64: offsets of large batches pass 2**31
+        h0 = (pid_bh % packs).to(tl.int64) * PACK
+        g = h0 // GROUP
+        rows = tl.arange(0, BLOCK_M)
+        h = h0 + rows // BLOCK_P  # [BLOCK_M]
+        offs_m = pid_m * BLOCK_P + rows % BLOCK_P
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_seq = offs_m < seq_len
@@ -117,9 +124,8 @@ if HAS_TRITON:
         beta = tl.load(Beta + g).to(tl.float64)
         lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)  # [BLOCK_M], huge for padding
         q_ok = qp >= 0
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_seq[:, None]
-        )
+        q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=in_seq[:, None])
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -143,7 +149,7 @@ if HAS_TRITON:
         shift = last_pos - (seq_len - 1)
         lo_min = tl.min(tl.where(q_ok, lo, _BIG_C))
         lo_max = tl.max(tl.where(q_ok, lo, -1))
-        row_end = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len)
+        row_end = tl.minimum(pid_m * BLOCK_P + BLOCK_P, seq_len)
         band_lo = tl.minimum(tl.maximum(lo_min - shift, 0), row_end)
         band_lo = (band_lo // BLOCK_N) * BLOCK_N
         band_hi = tl.where(last_pos >= 0, row_end, 0)
@@ -159,7 +165,7 @@ if HAS_TRITON:
         # padding precedes the valid tokens: if key inner_lo is valid, all later keys are; else mask everything
         inner_ok = tl.load(q_row + inner_lo, mask=inner_lo < seq_len, other=-1) >= 0
         inner_lo = tl.where(inner_ok, inner_lo, band_hi)
-        inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
+        inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_P) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, k_base, v_base, q_row, 0, sink_end, qp, lo, stride_kn, stride_vn, sm_scale_log2,
             SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
@@ -179,14 +185,14 @@ if HAS_TRITON:
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = tl.where(q_ok[:, None], acc / l_safe[:, None], 0.0)
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        o_ptrs = Out + b * stride_ob + h[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_seq[:, None])
 
 
 def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
     """Launch config by chunk length: tiny tiles under the interpreter, else the first PREFILL_CONFIGS bucket that fits."""
     if interpret:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "PACK": 2}
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     for max_len, config in PREFILL_CONFIGS:
@@ -195,14 +201,23 @@ def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
     return PREFILL_CONFIGS[-1][1]
 
 
-# (longest chunk, launch config), d=128 bf16, by length bucket. benchmarks/bench_attention.py --sweep times the
-# candidates per bucket on the GPU and prints this table filled with the winners (H200 sweep of 2026-11-24 16:42 UTC, `--quick`).
+# (longest chunk, launch config), d=128 bf16, by length bucket. benchmarks/bench_attention.py's sweep times the
+# candidates per bucket on the GPU (both densities) and prints this table filled with the winners (H200 sweep of
+# 2026-11-25 02:4x UTC, 23 candidates, `--prefill-only --skip-flex`). PACK: query heads of a group per program.
 PREFILL_CONFIGS = [
-    (2048, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
-    (8192, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
-    (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
-    (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+    (2048, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "PACK": 4}),
+    (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PACK": 4}),
+    (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PACK": 4}),
+    (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PACK": 4}),
 ]
+
+
+def query_heads_per_program(requested: int, group: int, block_m: int) -> int:
+    """The largest power of two <= ``requested`` that divides the GQA group and the tile rows (1 for MHA)."""
+    pack = 1
+    while pack * 2 <= requested and group % (pack * 2) == 0 and block_m % (pack * 2) == 0:
+        pack *= 2
+    return pack
 
 
 def _rule_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -220,6 +235,8 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
     alpha, beta = _rule_on(alpha, query.device), _rule_on(beta, query.device)
     out = torch.empty_like(query)
     cfg = config or _prefill_config(head_dim, seq_len, INTERPRETED)
+    pack = query_heads_per_program(cfg.get("PACK", 1), group, cfg["BLOCK_M"])
+    cfg = {**cfg, "PACK": pack}
     if cache is None:
         cache_k, cache_v, slot_pos, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
         ck_strides = (0, 0, 0, 0, 0)
@@ -227,7 +244,7 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
         cache_k, cache_v, slot_pos, head_off, head_cap = cache
         ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
     precision = dot_precision(query.dtype)
-    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), bsz * num_q_heads)
+    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"] // pack), bsz * num_q_heads // pack)
     _moa_prefill_fwd[grid](
         query, key, value, out, q_pos, alpha, beta,
         cache_k, cache_v, slot_pos, head_off, head_cap,

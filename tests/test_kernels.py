@@ -144,6 +144,44 @@ PREFILL_CASES = [  # (plan, dtype, lengths, starts, width)
 
 
 @needs_interpreter
+@pytest.mark.parametrize("pack", [1, 2, 4])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_prefill_query_heads_per_program(pack, with_cache):
+    """1, 2 or 4 query heads of a group share one tile (rows stacked): every packing equals the reference."""
+    plan = dict(hkv=2, hq=8, sink=3, min_span=8, alpha=[20.0, -2.0], beta=[0.0, 0.5])
+    alpha, beta = plan_tensors(plan)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    history, lengths, width, head_dim = [0, 0], [30, 19], 30, 16
+    if with_cache:
+        history, lengths, width = [37, 50], [21, 9], 21
+    total = [h + n for h, n in zip(history, lengths, strict=True)]
+    keys = torch.randn(2, 2, max(total), head_dim, device=DEVICE)
+    values = torch.randn_like(keys)
+    q_pos = chunk_positions(lengths, width, history)
+    gather = torch.where(q_pos >= 0, q_pos, 0)[:, None, :, None].expand(-1, 2, -1, head_dim)
+    key, value = keys.gather(2, gather), values.gather(2, gather)
+    query = torch.randn(2, 8, width, head_dim, device=DEVICE)
+    cache = None
+    if with_cache:
+        cache = build_cache(keys, values, history, cache_caps(plan, max(history), extra=[2, 0]), plan["sink"])
+    conf = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "PACK": pack}
+    if not INTERPRET:
+        conf = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "PACK": pack}
+    assert prefill.query_heads_per_program(pack, 4, conf["BLOCK_M"]) == pack
+    out = prefill._launch_prefill(query, key, value, q_pos, alpha, beta, cache, head_dim**-0.5, *rule[2:], conf)
+    hist_pos = torch.arange(max(total), device=DEVICE)[None].expand(2, -1)
+    hist_pos = torch.where(hist_pos < torch.tensor(total, device=DEVICE)[:, None], hist_pos, -1)
+    ref64 = reference.moa_attention_ref(query.double(), keys.double(), values.double(), q_pos, hist_pos, *rule)
+    assert rel_err(out, ref64) < 1e-5
+    assert out[(q_pos < 0)[:, None].expand_as(out[..., 0])].abs().sum().item() == 0
+
+
+def test_query_heads_per_program_divides_group_and_tile():
+    assert [prefill.query_heads_per_program(4, g, 64) for g in (1, 2, 3, 4, 6, 7, 8)] == [1, 2, 1, 4, 2, 1, 4]
+    assert prefill.query_heads_per_program(8, 8, 16) == 8 and prefill.query_heads_per_program(8, 8, 4) == 4
+
+
+@needs_interpreter
 @pytest.mark.parametrize("name,dtype,lengths,starts,width", PREFILL_CASES)
 def test_prefill_matches_reference(name, dtype, lengths, starts, width):
     skip_bf16_on_interpreter(dtype)
