@@ -340,7 +340,10 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 
 def decode_candidate(candidate: tuple) -> dict:
     """A DECODE_CONFIGS launch config from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits
-    [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm)."""
+    [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm); a dict is
+    the config itself."""
+    if isinstance(candidate, dict):
+        return candidate
     if candidate[0] == "balanced":
         keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm")
         return {"balanced": True, **dict(zip(keys, candidate[1:], strict=True)), "merge_splits": 16}

@@ -4,6 +4,8 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 120 8192x16@0.25,32768x1@0.5    # only these points
     PYTHONPATH=. python benchmarks/sweep_decode.py 200 9216x183@0.5,4608x371@0.5 e2e  # split caps too
     PYTHONPATH=. python benchmarks/sweep_decode.py 200 32768x1@0.5,8192x16@0.25 small  # long splits, wide merges
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 32768x1@0.5 granule step  # split lengths in whole tiles;
+                                                       # the best 3 and the current config re-timed in step too
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -30,6 +32,13 @@ CANDIDATES += [(128, 8, 3, 8, True, 16), (64, 8, 4, 8, True, 16)]
 SMALL_CANDIDATES = [
     (*c, True, s) for c in itertools.product((32, 64), (2, 4, 8), (3,), (0.5, 1, 2, 4)) for s in (16, 32)
 ]
+# one or two rows: split lengths a multiple of the tile (not a power of two), so programs_per_sm is met closely
+GRANULE_CANDIDATES = [
+    {"BLOCK_N": 64, "num_warps": w, "num_stages": st, "programs_per_sm": p, "fused_merge": True, "merge_splits": m,
+     "split_granule": 64}
+    for w, st, p, m in itertools.product((2, 4), (3, 4), (0.5, 0.75, 1, 1.5, 2, 3), (16, 32))
+    if m == 16 or p >= 1.5
+]  # fmt: skip
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
                   for cap in (4096, 8192, 16384)]  # fmt: skip
@@ -39,6 +48,22 @@ def serving_entry(bsz: int, slots: int) -> int:
     """Index of the DECODE_CONFIGS entry that serves bsz rows of `slots` cache slots."""
     conf = ba.decode.decode_config(bsz, slots)
     return next(i for i, entry in enumerate(ba.decode.DECODE_CONFIGS) if entry[-1] is conf)
+
+
+def step_times(cfg, n: int, bsz: int, alpha, beta, slots: int, timings: dict) -> dict:
+    """ms per layer in step (bench_attention's in-step timer) of the current config and the 3 fastest per call."""
+    entry = serving_entry(bsz, slots)
+    *limits, original = ba.decode.DECODE_CONFIGS[entry]
+    read = bsz * slots * (2 * cfg.head_dim * 2 + 4)
+    result = {"current": ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]}
+    try:
+        for name in sorted((k for k in timings if k != "current"), key=timings.get)[:3]:
+            ba.decode.DECODE_CONFIGS[entry] = (*limits, json.loads(name))
+            result[name] = ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]
+    finally:
+        ba.decode.DECODE_CONFIGS[entry] = (*limits, original)
+    ba.log(f"{n}x{bsz} in step: " + json.dumps({k: round(v, 4) for k, v in result.items()}))
+    return result
 
 
 def main() -> None:
@@ -53,7 +78,8 @@ def main() -> None:
         points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
     if len(sys.argv) > 3:
-        candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES}[sys.argv[3]]
+        candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES}[sys.argv[3]]
+    in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
                   for p in sys.argv[2].split(",")]  # fmt: skip
@@ -71,6 +97,8 @@ def main() -> None:
             bytes=bsz * slots * (2 * cfg.head_dim * 2 + 4), top5=sorted(timings.items(), key=lambda kv: kv[1])[:5], all=timings,
         )  # fmt: skip
         ba.log(f"{n}x{bsz}@{density}: current {current:.4f} ms, best {timings[best]:.4f} ms {best}")
+        if in_step:  # the best 3 and the current config, per layer inside one captured step
+            results[f"{n}x{bsz}@{density}"]["in_step"] = step_times(cfg, n, bsz, alpha, beta, slots, timings)
     out = Path(os.environ.get("OUT", "/tmp"))
     (out / "sweep_decode.json").write_text(json.dumps(results, indent=1))
 

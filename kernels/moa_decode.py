@@ -181,10 +181,10 @@ if HAS_TRITON:
         Q, CacheK, CacheV, SlotPos, Items, QPos, PartO, PartLse, Counter, Out,
         stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
         stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
-        num_kv_heads, sm_scale_log2,
+        num_kv_heads, split_len, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
-        MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr,
-        BLOCK_S: tl.constexpr, FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+        FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         w = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
@@ -196,7 +196,7 @@ if HAS_TRITON:
         head_first = tl.sum(tl.where(field == 1, rec, 0))
         head_end = tl.sum(tl.where(field == 2, rec, 0))
         first = tl.sum(tl.where(field == 3, rec, 0))
-        stop = tl.where(g >= 0, tl.minimum(first + SPLIT_LEN, head_end), first)
+        stop = tl.where(g >= 0, tl.minimum(first + split_len, head_end), first)
         count = tl.sum(tl.where(field == 4, rec, 0))  # splits of this head
         alpha = tl.sum(tl.where(field == 6, rec, 0)).to(tl.float64, bitcast=True)
         beta = tl.sum(tl.where(field == 7, rec, 0)).to(tl.float64, bitcast=True)
@@ -241,11 +241,19 @@ if HAS_TRITON:
 
 
 def decode_split_len(
-    bsz: int, total_slots: int, num_sms: int = 132, programs_per_sm: float = 8, cap: int = 4096
+    bsz: int,
+    total_slots: int,
+    num_sms: int = 132,
+    programs_per_sm: float = 8,
+    cap: int = 4096,
+    granule: int | None = None,
 ) -> int:
-    """Slots per split: a power of two in [128, cap] giving about programs_per_sm programs per SM (static shapes;
-    a fraction below 1 asks for fewer, longer splits than SMs)."""
+    """Slots per split in [128, cap] giving about programs_per_sm programs per SM (static shapes; a fraction below 1
+    asks for fewer, longer splits than SMs): the power of two at or below the target, or with ``granule`` the
+    multiple of it nearest the target (the split length is a kernel argument: no compile per length)."""
     target = max(1, int(bsz * total_slots / (programs_per_sm * num_sms)))
+    if granule:
+        return int(min(cap, max(128, granule * max(1, round(target / granule)))))
     return int(min(cap, max(128, 1 << (target.bit_length() - 1))))
 
 
@@ -366,7 +374,12 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     if config.get("balanced"):
         return launch_balanced(query, cache, q_pos, alpha, beta, scale, sink, min_span, config)
     split_len = config.get("split_len") or decode_split_len(
-        bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], config.get("split_cap", 4096)
+        bsz,
+        total_slots,
+        _num_sms(query.device),
+        config["programs_per_sm"],
+        config.get("split_cap", 4096),
+        config.get("split_granule"),
     )
     items = _cached_items(head_offset, head_capacity, alpha, beta, split_len, total_slots)
     num_items = items.shape[0]
@@ -386,9 +399,9 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         q.stride(0), q.stride(1), cache_keys.stride(0), cache_keys.stride(1),
         cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0), q_pos.stride(0),
         *part_strides, out.stride(0), out.stride(1),
-        num_kv_heads, scale * 1.4426950408889634,
+        num_kv_heads, split_len, scale * 1.4426950408889634,
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span,
-        HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], SPLIT_LEN=split_len, BLOCK_S=merge_splits,
+        HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], BLOCK_S=merge_splits,
         FUSED_MERGE=fused, DOT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     if not fused:

@@ -344,12 +344,38 @@ def test_decode_work_list_covers_every_slot_once():
     assert (head[int(count.sum()) :] == -1).all()
 
 
-def test_decode_split_len_is_a_power_of_two_for_fractional_programs_per_sm():
+def test_decode_split_len_for_fractional_programs_per_sm():
     # 1 row x 131072 slots over 132 SMs: 2 programs per SM -> 496-slot target -> 256; half a program per SM -> 1024
     assert decode.decode_split_len(1, 131072, 132, 2) == 256
     assert decode.decode_split_len(1, 131072, 132, 0.5) == 1024
     assert decode.decode_split_len(1, 2**30, 132, 0.5, cap=4096) == 4096  # capped
     assert decode.decode_split_len(1, 100, 132, 0.5) == 128  # floor
+    # with a granule: the nearest multiple of it (target 496 -> 512 in tiles of 64; 1985 -> 1984 / 2048 in 64 / 512)
+    assert decode.decode_split_len(1, 131072, 132, 2, granule=64) == 512
+    assert decode.decode_split_len(1, 131072, 132, 0.5, granule=64) == 1984
+    assert decode.decode_split_len(1, 131072, 132, 0.5, granule=512) == 2048
+    assert decode.decode_split_len(1, 100, 132, 0.5, granule=64) == 128  # floor
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split_len", [48, 80])
+def test_decode_split_length_not_a_power_of_two(split_len):
+    """The split length is a kernel argument: splits of 3 or 5 tiles (heads cut mid-ring) equal the reference."""
+    plan = PLANS["gqa_sink5"]
+    alpha, beta = plan_tensors(plan)
+    lengths, head_dim = [200, 37, 131], 16
+    keys = torch.randn(3, plan["hkv"], max(lengths), head_dim, device=DEVICE)
+    values = torch.randn_like(keys)
+    cache = build_cache(keys, values, lengths, cache_caps(plan, max(lengths), extra=[3, 1]), plan["sink"])
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    query = torch.randn(3, plan["hq"], 1, head_dim, device=DEVICE)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    tile = 16 if INTERPRET else 64
+    conf = {"BLOCK_N": tile, "num_warps": 1 if INTERPRET else 2, "num_stages": 1 if INTERPRET else 3,
+            "split_len": split_len * tile // 16, "fused_merge": True, "merge_splits": 4}  # fmt: skip
+    out = decode._launch_decode(query, cache, q_pos, alpha, beta, head_dim**-0.5, *rule[2:], conf)
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    assert rel_err(out, ref64) < 1e-5
 
 
 def test_window_lo_is_the_contract_edge():
