@@ -340,13 +340,13 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 
 def decode_candidate(candidate: tuple) -> dict:
     """A DECODE_CONFIGS launch config from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits
-    [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm); a dict is
-    the config itself."""
+    [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm
+    [, segment_cost]); a dict is the config itself."""
     if isinstance(candidate, dict):
         return candidate
     if candidate[0] == "balanced":
-        keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm")
-        return {"balanced": True, **dict(zip(keys, candidate[1:], strict=True)), "merge_splits": 16}
+        keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "segment_cost")
+        return {"balanced": True, **dict(zip(keys, candidate[1:], strict=False)), "merge_splits": 16}
     keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "fused_merge", "merge_splits", "split_cap")
     return dict(zip(keys[: len(candidate)], candidate, strict=True))
 
@@ -419,9 +419,9 @@ class BenchConfig(argparse.Namespace):
     prefill_n = (1024, 4096, 16384, 32768, 131072)
     check_n = 3000
     # one length per PREFILL_CONFIGS bucket (<= 2k, <= 8k, <= 32k, longer); one (n, batch) per DECODE_CONFIGS
-    # bucket (<= 2 rows; rows x slots <= 2**22, more; slots ~ 8 heads x n x density 0.5: 131k, 2.1M, 33.5M)
+    # bucket (<= 2 rows; rows x slots <= 3 * 2**18, more; slots ~ 8 heads x n x density 0.5: 131k, 524k, 33.5M)
     sweep_n = (1024, 4096, 16384, 65536)
-    sweep_decode = ((32768, 1), (32768, 16), (131072, 64))
+    sweep_decode = ((32768, 1), (8192, 16), (131072, 64))
     sweep_rep_ms, prefill_rep_ms = 300, 1000
     # (BLOCK_M, BLOCK_N, num_warps, num_stages, PACK): BLOCK_M tile rows = PACK query heads x BLOCK_M / PACK positions
     prefill_candidates = ((128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 3, 1), (64, 64, 4, 3, 1),
@@ -431,12 +431,13 @@ class BenchConfig(argparse.Namespace):
                           (64, 32, 4, 3, 4), (256, 64, 8, 3, 4), (256, 32, 8, 3, 4), (128, 64, 8, 4, 4),
                           (64, 128, 4, 3, 4), (128, 64, 8, 3, 2), (64, 64, 4, 3, 2))  # fmt: skip
     # split kernel: (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits); balanced kernel:
-    # ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm)
+    # ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm[, segment_cost])
     decode_candidates = ((64, 4, 4, 8, True, 8), (64, 4, 4, 8, False, 8), (64, 4, 4, 8, True, 16),
                          (64, 4, 4, 24, True, 8), (64, 8, 4, 8, True, 8), (128, 8, 3, 8, True, 8),
                          (32, 4, 4, 24, True, 16), (64, 4, 3, 4, True, 8), (64, 8, 3, 48, True, 16),
-                         (32, 2, 4, 16, True, 8), (64, 2, 3, 1, True, 16), ("balanced", 64, 2, 2, 4),
-                         ("balanced", 64, 4, 3, 2), ("balanced", 64, 2, 2, 3), ("balanced", 128, 4, 2, 2))  # fmt: skip
+                         (32, 2, 4, 16, True, 8), (64, 2, 3, 1, True, 16), ("balanced", 64, 2, 2, 4, 2),
+                         ("balanced", 64, 4, 3, 2, 3), ("balanced", 64, 2, 2, 4, 0), ("balanced", 64, 4, 3, 2, 0),
+                         ("balanced", 64, 2, 2, 3, 2), ("balanced", 128, 4, 2, 2, 2))  # fmt: skip
     copy_mb = 4096
     flex_deadline = float("inf")
 
@@ -449,7 +450,7 @@ class BenchConfig(argparse.Namespace):
                                   (128, 64, 4, 3, 4), (128, 32, 4, 3, 4), (64, 64, 4, 3, 4), (64, 32, 4, 3, 4),
                                   (256, 64, 8, 3, 4))  # fmt: skip
         cfg.decode_candidates = ((64, 4, 4, 8, True, 16), (64, 2, 3, 1, True, 16), (64, 2, 3, 4, True, 16),
-                                 ("balanced", 64, 2, 2, 4), ("balanced", 64, 4, 3, 2))  # fmt: skip
+                                 ("balanced", 64, 2, 2, 4, 2), ("balanced", 64, 4, 3, 2, 3))  # fmt: skip
         return cfg
 
     @classmethod
@@ -459,7 +460,7 @@ class BenchConfig(argparse.Namespace):
         cfg.decode_n, cfg.decode_b, cfg.prefill_n = (96,), (2,), (64, 100)
         cfg.check_n, cfg.sweep_n, cfg.sweep_decode, cfg.copy_mb = 70, (64, 80, 96, 100), ((96, 2),), 8
         cfg.prefill_candidates = ((16, 16, 1, 1, 1), (16, 16, 1, 1, 2))
-        cfg.decode_candidates = ((16, 1, 1, 8, True, 8), (16, 1, 1, 8, False, 4), ("balanced", 16, 1, 1, 2))
+        cfg.decode_candidates = ((16, 1, 1, 8, True, 8), (16, 1, 1, 8, False, 4), ("balanced", 16, 1, 1, 2, 1))
         return cfg
 
 

@@ -36,8 +36,10 @@ def timed_module():
         ("PartO, PartLse, Counter, Out,\n", "", ""),
         ("        p = tl.program_id(0).to(tl.int64)\n", "",
          "        t_start = _now()\n        t_first = t_start\n        t_last = t_start\n        nseg = 0\n"),
-        ("            out, lse = _attend_range(\n", "            t_first = tl.where(nseg == 0, _now(), t_first)\n", ""),
-        ("            # the programs holding this (row, head)", "            t_last = _now()\n            nseg += 1\n", ""),
+        ("                out, lse = _attend_range(\n", "                t_first = tl.where(nseg == 0, _now(), t_first)\n",
+         ""),
+        ("                # the programs holding this (row, head)", "                t_last = _now()\n                nseg += 1\n",
+         ""),
         ("            t = seg_end\n", "", f"        t_end = _now()\n        sm = {smid}\n" + stores),
         ("if HAS_TRITON:\n", "", f"\n    @triton.jit\n    def _now():\n        return {now}\n"),
         ("part_o, part_lse, counters, out,\n", "", ""),
@@ -61,18 +63,20 @@ def main() -> None:
     mod = timed_module()
     cfg = ba.BenchConfig()
     out = {}
-    for n, bsz, density, conf in [
-        (8192, 16, 0.25, (2, 2, 4)),
-        (8192, 16, 0.25, (4, 3, 2)),
-        (8192, 64, 0.25, (2, 2, 4)),
-        (8192, 16, 0.5, (2, 2, 4)),
+    for n, bsz, density, conf in [  # (warps, stages, programs per SM, segment cost)
+        (8192, 16, 0.25, (2, 2, 4, 0)),
+        (8192, 16, 0.25, (2, 2, 4, 1)),
+        (8192, 64, 0.25, (2, 2, 4, 0)),
+        (8192, 64, 0.25, (2, 2, 4, 2)),
+        (8192, 16, 0.5, (2, 2, 4, 1)),
     ]:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         cache = ba.decode_cache(bsz, n, alpha, beta, cfg.sink, cfg.min_span, cfg.head_dim)
         query = torch.randn(bsz, cfg.hq, 1, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
         q_pos = torch.full((bsz,), n - 1, device="cuda", dtype=torch.int64)
-        w, s, pp = conf
-        c = dict(balanced=True, BLOCK_N=64, num_warps=w, num_stages=s, programs_per_sm=pp, merge_splits=16)
+        w, s, pp, sc = conf
+        c = dict(balanced=True, BLOCK_N=64, num_warps=w, num_stages=s, programs_per_sm=pp, merge_splits=16,
+                 segment_cost=sc)  # fmt: skip
         programs = mod.balanced_programs(bsz, cache[0].shape[1] - 1, 132, pp, 64)
         mod.TIMER = torch.zeros(programs * 6, dtype=torch.int64, device="cuda")
         a_d, b_d = alpha.cuda(), beta.cuda()
@@ -109,10 +113,11 @@ def main() -> None:
                 end_p90_us=float(en.quantile(0.9)) / 1e3,
                 progs_per_sm_max=int(torch.bincount(t[:, 4].long()).max()),
                 nseg_max=int(t[:, 5].max()),
+                end_med_us_by_segments={int(k): float(en[t[:, 5] == k].median()) / 1e3 for k in t[:, 5].unique()},
                 programs=programs,
             )
             stats.append(r)
-        key = f"{n}x{bsz}@{density} w{w}s{s}p{pp}"
+        key = f"{n}x{bsz}@{density} w{w}s{s}p{pp}c{sc}"
         out[key] = dict(stats=stats, sample=mod.TIMER.view(programs, 6).cpu().tolist()[:: max(1, programs // 64)])
         print(key, json.dumps(stats[-1]), "graph-call ms", ba.bench(g, rep_ms=50), flush=True)
     json.dump(out, open(os.environ.get("OUT", "/tmp") + "/timeline.json", "w"))

@@ -6,6 +6,8 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 200 32768x1@0.5,8192x16@0.25 small  # long splits, wide merges
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 32768x1@0.5 granule step  # split lengths in whole tiles;
                                                        # the best 3 and the current config re-timed in step too
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 balanced step  # the balanced kernel's knobs
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 segcost step  # tiles charged per segment
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -38,6 +40,17 @@ GRANULE_CANDIDATES = [
      "split_granule": 64}
     for w, st, p, m in itertools.product((2, 4), (3, 4), (0.5, 0.75, 1, 1.5, 2, 3), (16, 32))
     if m == 16 or p >= 1.5
+]  # fmt: skip
+# the balanced kernel (16+ rows): narrower tiles, fewer warps, more programs per SM (more loads in flight per SM)
+BALANCED_CANDIDATES = [
+    ("balanced", bn, w, st, p) for bn, w, st, p in itertools.product((32, 64), (1, 2, 4), (2, 3), (3, 4, 5, 6))
+]
+# the balanced kernel's two table configs, charging each (row, head) a program starts 0-8 tiles
+SEGCOST_CANDIDATES = [
+    {"balanced": True, "BLOCK_N": 64, "num_warps": w, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
+     "segment_cost": c}
+    for (w, st, p), costs in (((2, 2, 4), (0, 1, 2, 3)), ((4, 3, 2), (0, 2, 3, 4, 6, 8)))
+    for c in costs
 ]  # fmt: skip
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
@@ -78,7 +91,8 @@ def main() -> None:
         points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
     if len(sys.argv) > 3:
-        candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES}[sys.argv[3]]
+        candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES,
+                      "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))

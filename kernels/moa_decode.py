@@ -342,15 +342,16 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 # rows: the split kernel with few, long splits (the merge of many pieces is serial per head; the 2026-11-24 21:4x
 # sweep, sweep_decode.py ... small). More rows: the balanced kernel (moa_decode_balanced.py, one wave of equal
 # programs), which beat the best split config by 1-7% from 8k x 16 up to 128k x 64 and 4.6k x 371 rows in the
-# 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md). benchmarks/bench_attention.py --sweep
-# re-times one shape per entry.
+# 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md); each (row, head) a program starts is
+# charged segment_cost tiles (sweep_decode.py ... segcost, 2026-11-25 03:4x UTC: 1-3.5%). The 4-warp config wins
+# from 8k x 64 and 32k x 16 (2**20 slots) up. benchmarks/bench_attention.py's sweep re-times one shape per entry.
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
-    (2**62, 2**22, {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4,
-                    "merge_splits": 16}),
+    (2**62, 3 * 2**18, {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4,
+                        "merge_splits": 16, "segment_cost": 2}),
     (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-                    "merge_splits": 16}),
+                    "merge_splits": 16, "segment_cost": 3}),
 ]  # fmt: skip
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
 

@@ -45,19 +45,21 @@ if HAS_TRITON:
         num_kv_heads, bsz, num_programs, pieces_per_pair, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_S: tl.constexpr, SEG_COST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         p = tl.program_id(0).to(tl.int64)
-        # every head's (offset, capacity, alpha, beta, first tile, tiles per row) in one load (head_meta); rows
-        # past Hkv get a first tile no tile reaches
+        # every head's (offset, capacity, alpha, beta, first unit, units per row) in one load (head_meta); rows
+        # past Hkv get a first unit no unit reaches
         offs_h = tl.arange(0, BLOCK_H)
         col = tl.arange(0, 8)[None, :]
         meta = tl.load(HeadMeta + offs_h[:, None] * 8 + col, mask=(offs_h < num_kv_heads)[:, None], other=2**62)
-        head_tile = tl.sum(tl.where(col == 4, meta, 0), 1)  # [BLOCK_H]
+        head_unit = tl.sum(tl.where(col == 4, meta, 0), 1)  # [BLOCK_H]
         per_row = tl.sum(tl.where((offs_h == 0)[:, None] & (col == 5), meta, 0))
         total = bsz * per_row
         per_prog = (total + num_programs - 1) // num_programs
-        t = p * per_prog  # global tile index: rows, then the heads of a row, then a head's tiles of BLOCK_N slots
+        # global unit index: rows, then the heads of a row, then per head SEG_COST units with no slots (the cost of
+        # starting a segment, in tiles) and its tiles of BLOCK_N slots
+        t = p * per_prog
         end = tl.minimum(t + per_prog, total)
 
         offs_g = tl.arange(0, BLOCK_G)
@@ -65,65 +67,70 @@ if HAS_TRITON:
         in_group = offs_g < GROUP
         while t < end:
             b = t // per_row
-            r = t - b * per_row  # tile of the row
-            g = tl.sum((head_tile <= r).to(tl.int64)) - 1  # the head holding tile r
+            r = t - b * per_row  # unit of the row
+            g = tl.sum((head_unit <= r).to(tl.int64)) - 1  # the head holding unit r
             row = tl.sum(tl.where((offs_h == g)[:, None], meta, 0), 0)  # [8]: head g's fields
             field = tl.arange(0, 8)
             head_first = tl.sum(tl.where(field == 0, row, 0))
             head_end = head_first + tl.sum(tl.where(field == 1, row, 0))
             alpha = tl.sum(tl.where(field == 2, row, 0)).to(tl.float64, bitcast=True)
             beta = tl.sum(tl.where(field == 3, row, 0)).to(tl.float64, bitcast=True)
-            g_tile0 = tl.sum(tl.where(field == 4, row, 0))
+            g_tile0 = tl.sum(tl.where(field == 4, row, 0)) + SEG_COST  # the unit of the head's first tile
             g_tile1 = g_tile0 + (head_end - head_first + BLOCK_N - 1) // BLOCK_N
             seg_end = tl.minimum(end, b * per_row + g_tile1)
-            first = head_first + (r - g_tile0) * BLOCK_N
-            stop = tl.minimum(head_first + (seg_end - b * per_row - g_tile0) * BLOCK_N, head_end)
-            qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
-            lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
-            first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
-            q_ptrs = Q + b * stride_qb + (g * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
-            q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
-            out, lse = _attend_range(
-                q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
-                first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-            )  # fmt: skip
-            # the programs holding this (row, head): a run from first_prog, found from the tile ranges
-            first_prog = (b * per_row + g_tile0) // per_prog
-            pieces = (b * per_row + g_tile1 - 1) // per_prog - first_prog + 1
-            _write_or_merge(
-                out, lse, PartO, PartLse, Counter, Out, b, g, g * pieces_per_pair + (p - first_prog), pieces,
-                g * pieces_per_pair, True, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
-                num_kv_heads, GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
-            )  # fmt: skip
+            tile_lo = tl.maximum(r - g_tile0, 0)
+            tile_hi = seg_end - b * per_row - g_tile0
+            if tile_hi > tile_lo:  # else this program holds only the head's slotless units: no piece of it
+                first = head_first + tile_lo * BLOCK_N
+                stop = tl.minimum(head_first + tile_hi * BLOCK_N, head_end)
+                qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
+                lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
+                first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
+                q_ptrs = Q + b * stride_qb + (g * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+                q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
+                out, lse = _attend_range(
+                    q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+                    first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N,
+                    DOT_PRECISION,
+                )  # fmt: skip
+                # the programs holding this (row, head)'s tiles: a run from first_prog, found from the unit ranges
+                first_prog = (b * per_row + g_tile0) // per_prog
+                pieces = (b * per_row + g_tile1 - 1) // per_prog - first_prog + 1
+                _write_or_merge(
+                    out, lse, PartO, PartLse, Counter, Out, b, g, g * pieces_per_pair + (p - first_prog), pieces,
+                    g * pieces_per_pair, True, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob,
+                    stride_oh, num_kv_heads, GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
+                )  # fmt: skip
             t = seg_end
 
 
-def head_meta(head_offset, head_capacity, alpha, beta, block_n: int) -> torch.Tensor:
+def head_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost: int = 0) -> torch.Tensor:
     """[Hkv, 8] int64 on the device, a row per head: slot offset, capacity, the bits of the float64 alpha and
-    beta, the head's first tile of ``block_n`` slots in a row, the tiles per row, and two unused fields."""
+    beta, the head's first unit in a row, the units per row, and two unused fields. A head is ``seg_cost`` units
+    without slots (what starting a segment costs a program, in tiles) and then its tiles of ``block_n`` slots."""
     cap = head_capacity.to(torch.int64)
-    tiles = (cap + block_n - 1) // block_n
-    first_tile = torch.cumsum(tiles, 0) - tiles
+    units = (cap + block_n - 1) // block_n + seg_cost
+    first_unit = torch.cumsum(units, 0) - units
     bits = lambda x: x.to(torch.float64).contiguous().view(torch.int64)  # noqa: E731
     zero = torch.zeros_like(cap)
-    cols = (head_offset.to(torch.int64), cap, bits(alpha), bits(beta), first_tile, tiles.sum().expand_as(cap))
+    cols = (head_offset.to(torch.int64), cap, bits(alpha), bits(beta), first_unit, units.sum().expand_as(cap))
     return torch.stack((*cols, zero, zero), 1).contiguous()
 
 
 def pieces_bound(num_programs: int, bsz: int) -> int:
-    """A bound on the programs sharing one (row, kv head), for any capacities: a pair's slots are at most a row's
-    (C), each program takes ceil(bsz * C / P) >= bsz * C / P of them, and a run may start and end part-way."""
+    """A bound on the programs sharing one (row, kv head), for any capacities: a pair's tiles are at most a row's
+    units (U), each program takes ceil(bsz * U / P) >= bsz * U / P units, and a run may start and end part-way."""
     return num_programs // bsz + 2
 
 
 _METAS = TensorMemo()
 
 
-def _cached_meta(head_offset, head_capacity, alpha, beta, block_n: int) -> torch.Tensor:
+def _cached_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost: int) -> torch.Tensor:
     """head_meta, reused while these tensors live unchanged (recomputed, not kept, inside a capture)."""
-    compute = lambda: head_meta(head_offset, head_capacity, alpha, beta, block_n)  # noqa: E731
+    compute = lambda: head_meta(head_offset, head_capacity, alpha, beta, block_n, seg_cost)  # noqa: E731
     store = not _capturing(head_capacity.device)
-    return _METAS.get((head_offset, head_capacity, alpha, beta), (block_n,), compute, store=store)
+    return _METAS.get((head_offset, head_capacity, alpha, beta), (block_n, seg_cost), compute, store=store)
 
 
 def balanced_programs(bsz: int, total_slots: int, num_sms: int, programs_per_sm: float, block_n: int) -> int:
@@ -133,7 +140,8 @@ def balanced_programs(bsz: int, total_slots: int, num_sms: int, programs_per_sm:
 
 def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config: dict):
     """The balanced kernel on ``moa_decode._launch_decode``'s arguments; config: BLOCK_N, num_warps, num_stages,
-    programs_per_sm, merge_splits, and optionally num_programs (tests)."""
+    programs_per_sm, merge_splits, segment_cost (tiles a program is charged per (row, head) it starts; default 0),
+    and optionally num_programs (tests)."""
     cache_keys, cache_values, slot_pos, head_offset, head_capacity = cache
     bsz, num_q_heads, _, head_dim = query.shape
     num_kv_heads = head_capacity.numel()
@@ -144,7 +152,8 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], block_n
     )
     pieces = pieces_bound(programs, bsz)
-    meta = _cached_meta(head_offset, head_capacity, alpha, beta, block_n)
+    seg_cost = int(config.get("segment_cost", 0))
+    meta = _cached_meta(head_offset, head_capacity, alpha, beta, block_n, seg_cost)
     part_o = torch.empty(bsz, num_kv_heads * pieces, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_kv_heads * pieces, group, device=query.device, dtype=torch.float32)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
@@ -160,7 +169,7 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         out.stride(0), out.stride(1), num_kv_heads, bsz, programs, pieces, scale * 1.4426950408889634,
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
-        DOT_PRECISION=dot_precision(query.dtype),
+        SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out

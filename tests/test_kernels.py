@@ -484,11 +484,12 @@ def test_decode_merge_variants_and_repeated_calls(fused):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("segment_cost", [0, 2])
 @pytest.mark.parametrize("programs", [1, 2, 5, 13, 200])
-def test_balanced_decode_any_program_count_and_repeated_calls(programs):
+def test_balanced_decode_any_program_count_and_repeated_calls(programs, segment_cost):
     """The balanced kernel cut at any number of programs (one program for all, pairs in 2..many pieces, more
-    programs than tiles) agrees with the reference call after call, its tickets back at zero; int64 head
-    tensors and a strided q_pos are read as they are."""
+    programs than tiles, programs holding only a head's slotless units) agrees with the reference call after
+    call, its tickets back at zero; int64 head tensors and a strided q_pos are read as they are."""
     plan = PLANS["gqa_sink5"]
     lengths = [150, 9, 97, 33]
     query, cache, rule = decode_setup(plan, lengths)
@@ -496,28 +497,32 @@ def test_balanced_decode_any_program_count_and_repeated_calls(programs):
     q_pos = torch.stack([torch.tensor(lengths, device=DEVICE) - 1, torch.zeros(4, device=DEVICE, dtype=torch.long)], 1)
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
     for _ in range(2):
-        out = decode_call("balanced", query, cache, q_pos[:, 0], *rule, num_programs=programs)
+        out = decode_call("balanced", query, cache, q_pos[:, 0], *rule, num_programs=programs,
+                          segment_cost=segment_cost)  # fmt: skip
         assert rel_err(out, ref64) < 1e-5
     assert int(decode._split_counters(query.device, 1).abs().sum()) == 0
 
 
-def test_balanced_head_meta_and_pieces_bound():
+@pytest.mark.parametrize("seg_cost", [0, 1, 3])
+def test_balanced_head_meta_and_pieces_bound(seg_cost):
     balanced = remote_module("moa_decode_balanced")
     caps = torch.tensor([5, 300, 64, 129], dtype=torch.int32)
     offsets = torch.cumsum(caps, 0) - caps
     alpha, beta = torch.tensor([1.5, -2.0, 0.1, 7.0], dtype=torch.float64), torch.tensor([0.0, 0.3, 1.0, 0.7])
-    meta = balanced.head_meta(offsets, caps, alpha, beta, 64)
+    meta = balanced.head_meta(offsets, caps, alpha, beta, 64, seg_cost)
     assert meta[:, 0].tolist() == offsets.tolist() and meta[:, 1].tolist() == caps.tolist()
     assert torch.equal(meta[:, 2].view(torch.float64), alpha)
     assert torch.equal(meta[:, 3].view(torch.float64), beta.double())
-    tiles = [1, 5, 1, 3]  # ceil(cap / 64)
-    assert meta[:, 4].tolist() == [0, 1, 6, 7] and meta[:, 5].tolist() == [sum(tiles)] * 4
-    # the bound on pieces per (row, head) holds for every cut: P programs over rows of R tiles
-    for rows, programs in ((1, 7), (3, 5), (4, 100), (2, 1)):
-        per_prog = -(-rows * sum(tiles) // programs)
+    tiles = [1, 5, 1, 3]  # ceil(cap / 64); each head is seg_cost slotless units, then its tiles
+    units = [t + seg_cost for t in tiles]
+    assert meta[:, 4].tolist() == [0, units[0], sum(units[:2]), sum(units[:3])]
+    assert meta[:, 5].tolist() == [sum(units)] * 4
+    # the bound on pieces per (row, head) holds for every cut: P programs over rows of sum(units) units
+    for rows, programs in ((1, 7), (3, 5), (4, 100), (2, 1), (5, 37)):
+        per_prog = -(-rows * sum(units) // programs)
         for b in range(rows):
             for g in range(4):
-                first = b * sum(tiles) + int(meta[g, 4])
+                first = b * sum(units) + int(meta[g, 4]) + seg_cost  # the unit of the head's first tile
                 pieces = (first + tiles[g] - 1) // per_prog - first // per_prog + 1
                 assert pieces <= balanced.pieces_bound(programs, rows)
 
