@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/decode_timeline.py      # writes $OUT/timeline.json
 
 An instrumented copy of kernels/moa_decode_balanced.py (made by text substitution, loaded into the remote package)
-stores per program: %globaltimer at its start, before its first tile loop, after its last tile loop and at its
-end, its SM and its segment count. Printed per shape: the kernel span, the spread of start and end times, the
+stores per program: %globaltimer at its start, before its first segment (query, window edge and tile loop), after
+its last segment's tile loop and at its end, its SM and its segment count. Printed per shape: the kernel span, the spread of start and end times, the
 prologue and epilogue medians.
 """
 
@@ -36,7 +36,7 @@ def timed_module():
         ("PartO, PartLse, Counter, Out,\n", "", ""),
         ("        p = tl.program_id(0).to(tl.int64)\n", "",
          "        t_start = _now()\n        t_first = t_start\n        t_last = t_start\n        nseg = 0\n"),
-        ("                out, lse = _attend_range(\n", "                t_first = tl.where(nseg == 0, _now(), t_first)\n",
+        ("                out, lse = _attend_segment(\n", "                t_first = tl.where(nseg == 0, _now(), t_first)\n",
          ""),
         ("                # the programs holding this (row, head)", "                t_last = _now()\n                nseg += 1\n",
          ""),

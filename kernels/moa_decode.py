@@ -142,6 +142,28 @@ if HAS_TRITON:
         return out, lse
 
     @triton.jit
+    def _attend_segment(
+        Q, CacheK, CacheV, SlotPos, QPos, b, g, first, stop, head_first, head_end, alpha, beta,
+        stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos, sm_scale_log2,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SINK: tl.constexpr, MIN_SPAN: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Attention of row b's query heads of kv head g over the head's slots [first, stop): the row's window
+        edge, the visible part of the range, then the tile loop. Returns (output, log2-domain lse)."""
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, HEAD_DIM)
+        qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
+        lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
+        first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
+        # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
+        q_ptrs = Q + b * stride_qb + (g * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=(offs_g < GROUP)[:, None], other=0.0)
+        return _attend_range(
+            q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+            first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+
+    @triton.jit
     def _write_or_merge(
         out, lse, PartO, PartLse, Counter, Out, b, g, w, pieces, merge_first, valid,
         stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh, num_kv_heads,
@@ -201,18 +223,10 @@ if HAS_TRITON:
         alpha = tl.sum(tl.where(field == 6, rec, 0)).to(tl.float64, bitcast=True)
         beta = tl.sum(tl.where(field == 7, rec, 0)).to(tl.float64, bitcast=True)
 
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_group = offs_g < GROUP
-        qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
-        lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
-        first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
-        # q: [BLOCK_G, D], the query heads of group g (rows past GROUP are zero padding for the dot)
-        q_ptrs = Q + b * stride_qb + (g_safe * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
-        out, lse = _attend_range(
-            q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
-            first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        out, lse = _attend_segment(
+            Q, CacheK, CacheV, SlotPos, QPos, b, g_safe, first, stop, head_first, head_end, alpha, beta,
+            stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos, sm_scale_log2,
+            GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
         if FUSED_MERGE:
             _write_or_merge(
@@ -221,6 +235,9 @@ if HAS_TRITON:
                 GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
             )  # fmt: skip
         else:
+            offs_g = tl.arange(0, BLOCK_G)
+            in_group = offs_g < GROUP
+            offs_d = tl.arange(0, HEAD_DIM)
             part_o = PartO + b * stride_pb + w * stride_pw + offs_g[:, None] * stride_pg + offs_d[None, :]
             tl.store(part_o, out, mask=in_group[:, None])
             tl.store(PartLse + b * stride_lb + w * stride_lw + offs_g, lse, mask=in_group)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _attend_range, _capturing, _num_sms, _split_counters, _visible_part, _write_or_merge
+from .moa_decode import _capturing, _num_sms, _split_counters
 from .moa_tensor_cache import TensorMemo
 from .moa_window import dot_precision
 
@@ -26,7 +26,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .moa_window import window_edge
+    from .moa_decode import _attend_segment, _write_or_merge  # jit helpers: defined only where triton imports
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs fall back to the torch reference
@@ -62,9 +62,6 @@ if HAS_TRITON:
         t = p * per_prog
         end = tl.minimum(t + per_prog, total)
 
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_group = offs_g < GROUP
         while t < end:
             b = t // per_row
             r = t - b * per_row  # unit of the row
@@ -83,15 +80,10 @@ if HAS_TRITON:
             if tile_hi > tile_lo:  # else this program holds only the head's slotless units: no piece of it
                 first = head_first + tile_lo * BLOCK_N
                 stop = tl.minimum(head_first + tile_hi * BLOCK_N, head_end)
-                qp = tl.load(QPos + b * stride_qpos).to(tl.int64)
-                lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)
-                first, stop, gap_at, gap_len = _visible_part(first, stop, head_first, head_end, qp, lo, SINK)
-                q_ptrs = Q + b * stride_qb + (g * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
-                q = tl.load(q_ptrs, mask=in_group[:, None], other=0.0)
-                out, lse = _attend_range(
-                    q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
-                    first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N,
-                    DOT_PRECISION,
+                out, lse = _attend_segment(
+                    Q, CacheK, CacheV, SlotPos, QPos, b, g, first, stop, head_first, head_end, alpha, beta,
+                    stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
+                    sm_scale_log2, GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION,
                 )  # fmt: skip
                 # the programs holding this (row, head)'s tiles: a run from first_prog, found from the unit ranges
                 first_prog = (b * per_row + g_tile0) // per_prog
