@@ -3,13 +3,14 @@
 The split kernel (``moa_decode._moa_decode_split``) cuts each head into splits of a fixed length: a head's
 last split is partial, and the number of (row, split) programs is rarely a multiple of the programs the
 device runs at once, so the last wave runs part-empty. Here the tiles of ``BLOCK_N`` slots of every
-(row, kv head) are laid end to end (rows, then the heads of a row, then a head's tiles), and program ``p``
-of ``P`` takes tiles ``[p * T, (p + 1) * T)`` with ``T = ceil(rows * tiles per row / P)``. A program walks
-its range one (row, head) segment at a time: the segment's visible part (``_visible_part``: only slots the
+(row, kv head) are laid end to end (rows, then the heads of a row, then a head's tiles), each (row, head)
+preceded by ``segment_cost`` units without slots (what starting a segment costs a program, in tiles), and
+program ``p`` of ``P`` takes units ``[p * T, (p + 1) * T)`` with ``T = ceil(rows * units per row / P)``.
+A program walks its range one (row, head) segment at a time: the segment's visible part (``_visible_part``: only slots the
 query can see are read), then a partial output and log-sum-exp. The pieces of a (row, head) come from a run
 of consecutive programs, known by arithmetic: piece ``p - first program`` of that pair. As in the split
 kernel, a pair done by one program writes its output, and otherwise the last piece to finish (an atomic
-ticket, reset by it) merges them. Every head's offset, capacity, alpha, beta and first tile come from one
+ticket, reset by it) merges them. Every head's offset, capacity, alpha, beta and first unit come from one
 load of a small table (``head_meta``, built once per plan). Static shapes: one launch, no host
 synchronisation, capturable in a CUDA graph.
 """
