@@ -361,7 +361,8 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 # programs), which beat the best split config by 1-7% from 8k x 16 up to 128k x 64 and 4.6k x 371 rows in the
 # 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md); each (row, head) a program starts is
 # charged segment_cost tiles (sweep_decode.py ... segcost, 2026-11-25 03:4x UTC: 1-3.5%). The 4-warp config wins
-# from 8k x 64 and 32k x 16 (2**20 slots) up. benchmarks/bench_attention.py's sweep re-times one shape per entry.
+# from 8k x 64 and 32k x 16 (2**20 rows x slots) up, so the 2-warp entry ends at 3 * 2**18 (8k x 16 at 50% is
+# 524k). benchmarks/bench_attention.py's sweep re-times one shape per entry.
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
