@@ -70,19 +70,11 @@ def midpoint_loop(dense, moa, context: int, new: int, bsz: int, max_steps: int):
     return loop
 
 
-def set_decode_pdl(moa, on: bool) -> None:
-    """Programmatic dependent launch on or off in every decode config of the model's remote code."""
-    decode = e2e.code_of(moa, "moa_decode")
-    decode.DECODE_CONFIGS[:] = [(*limits, {**conf, "pdl": on}) for *limits, conf in decode.DECODE_CONFIGS]
-
-
-def run_case(dense, moa, context: int, new: int, bsz: int, steps: int, fused: str, pdl: str = "0") -> dict:
+def run_case(dense, moa, context: int, new: int, bsz: int, steps: int, fused: str) -> dict:
     os.environ["MOA_FUSED"] = fused  # read when a step is traced (eager warm-up and capture)
-    set_decode_pdl(moa, pdl == "1")
     loop = midpoint_loop(dense, moa, context, new, bsz, 5 * steps)
     times = [t * 1e3 for t in e2e.time_steps(lambda: None, loop.run, steps, 3)[0]]
-    out = dict(context=context, new=new, batch=bsz, fused=fused, decode_pdl=pdl == "1")
-    out["step_ms_graph"] = round(statistics.median(times), 3)
+    out = dict(context=context, new=new, batch=bsz, fused=fused, step_ms_graph=round(statistics.median(times), 3))
     for label, fn in (("graph", lambda: loop.run(steps)), ("eager", None)):
         with profile(activities=[ProfilerActivity.CUDA if e2e.CUDA else ProfilerActivity.CPU]) as prof:
             if fn is not None:
@@ -105,20 +97,17 @@ def main() -> None:
     parser.add_argument("--cases", default="4096+1024:371,16384+4096:88")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fused", default="1", help="MOA_FUSED values to profile, e.g. 1,0 (fused kernels on / off)")
-    parser.add_argument("--decode-pdl", default="0", help="decode with programmatic dependent launch: 0, 1 or 0,1")
-    parser.add_argument("--repeats", type=int, default=1, help="run the cases this many times over (A/B noise)")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     dense = e2e.build("llama-3-8b" if e2e.CUDA else "tiny")
     moa = moa_twin(dense, e2e.plans(dense, 4096)["moa-50"])
     results = []
-    runs = [(c, f, p) for c in args.cases.split(",") for f in args.fused.split(",") for p in args.decode_pdl.split(",")]
-    for case, fused, pdl in runs * args.repeats:
+    for case, fused in ((c, f) for c in args.cases.split(",") for f in args.fused.split(",")):
         ctx_new, bsz = case.split(":")
         context, new = (int(x) for x in ctx_new.split("+"))
         e2e.cleanup()
         try:
-            res = run_case(dense, moa, context, new, int(bsz), args.steps, fused, pdl)
+            res = run_case(dense, moa, context, new, int(bsz), args.steps, fused)
         except torch.OutOfMemoryError as err:
             res = dict(case=case, error=str(err)[:200])
         results.append(res)

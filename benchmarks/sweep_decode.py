@@ -8,7 +8,6 @@
                                                        # the best 3 and the current config re-timed in step too
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 balanced step  # the balanced kernel's knobs
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 segcost step  # tiles charged per segment
-    PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 pdl step  # the table's configs, PDL off / on
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -58,12 +57,6 @@ E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4
                   for cap in (4096, 8192, 16384)]  # fmt: skip
 
 
-def pdl_candidates(bsz: int, slots: int) -> list[dict]:
-    """The table config serving (bsz, slots), with programmatic dependent launch off and on."""
-    conf = ba.decode.decode_config(bsz, slots)
-    return [{**conf, "pdl": level} for level in (0, 1, 2)]
-
-
 def serving_entry(bsz: int, slots: int) -> int:
     """Index of the DECODE_CONFIGS entry that serves bsz rows of `slots` cache slots."""
     conf = ba.decode.decode_config(bsz, slots)
@@ -97,8 +90,7 @@ def main() -> None:
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
-    pdl = len(sys.argv) > 3 and sys.argv[3] == "pdl"  # each point's table config without and with PDL
-    if len(sys.argv) > 3 and not pdl:
+    if len(sys.argv) > 3:
         candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES,
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
@@ -109,8 +101,6 @@ def main() -> None:
     for n, bsz, density in points:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         current, slots = ba.time_moa_decode(bsz, n, alpha, beta, cfg)
-        if pdl:
-            candidates = pdl_candidates(bsz, slots)
         timings = ba.time_decode_candidates(
             cfg, n, bsz, density, candidates, serving_entry(bsz, slots), deadline
         )  # fmt: skip

@@ -34,27 +34,8 @@ except ImportError:  # CPU-only installs fall back to the torch reference
     tl = None
     HAS_TRITON = False
 
-try:  # grid dependency control (programmatic dependent launch, sm_90+), triton >= 3.3
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAS_GDC = HAS_TRITON
-except ImportError:
-    HAS_GDC = False
-    gdc_launch_dependents = gdc_wait = None  # unreached: pdl_launch keeps PDL at 0
-
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _after_predecessor(PDL: tl.constexpr):
-        """With programmatic dependent launch (``pdl`` in the config) a decode kernel may start while the kernel
-        before it ends: wait here, before any load, until that kernel is done and its writes are visible (the
-        query, the new cache slot, the tickets of the last call), then let the next kernel in the stream start its
-        own launch. Nothing is read before the wait, so any predecessor is safe."""
-        if PDL > 0:
-            gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
 
     @triton.jit
     def _merge_splits(
@@ -225,9 +206,8 @@ if HAS_TRITON:
         num_kv_heads, split_len, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-        FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        _after_predecessor(PDL)
         w = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
         # the item's record in one load (decode_items): head (-1: no work), head slots, split, splits, first split
@@ -248,8 +228,6 @@ if HAS_TRITON:
             stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos, sm_scale_log2,
             GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
-        if PDL == 2:  # the next kernel may start its launch once every program's tile loop is done
-            gdc_launch_dependents()
         if FUSED_MERGE:
             _write_or_merge(
                 out, lse, PartO, PartLse, Counter, Out, b, g_safe, w, count, tl.sum(tl.where(field == 5, rec, 0)),
@@ -444,7 +422,6 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span,
         HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], BLOCK_S=merge_splits,
         FUSED_MERGE=fused, DOT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
-        **pdl_launch(config, query.device),
     )  # fmt: skip
     if not fused:
         _, _, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
@@ -454,20 +431,6 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
             num_warps=1 if INTERPRETED else 4,
         )  # fmt: skip
     return out
-
-
-@functools.cache
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: a CUDA device of compute capability 9.0+ and a triton with grid dependency
-    control."""
-    return HAS_GDC and not INTERPRETED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def pdl_launch(config: dict, device: torch.device) -> dict:
-    """The PDL constexpr and launch option of a decode launch: on when the config asks (``pdl``) and the device
-    supports it (elsewhere the config runs without it)."""
-    level = int(config.get("pdl", 0)) if pdl_supported(device) else 0
-    return {"PDL": level, "launch_pdl": True} if level else {"PDL": 0}
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:

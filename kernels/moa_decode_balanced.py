@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _capturing, _num_sms, _split_counters, pdl_launch
+from .moa_decode import _capturing, _num_sms, _split_counters
 from .moa_tensor_cache import TensorMemo
 from .moa_window import dot_precision
 
@@ -27,8 +27,7 @@ try:
     import triton
     import triton.language as tl
 
-    # jit helpers: defined only where triton imports
-    from .moa_decode import _after_predecessor, _attend_segment, _write_or_merge, gdc_launch_dependents
+    from .moa_decode import _attend_segment, _write_or_merge  # jit helpers: defined only where triton imports
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs fall back to the torch reference
@@ -47,9 +46,8 @@ if HAS_TRITON:
         num_kv_heads, bsz, num_programs, pieces_per_pair, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_S: tl.constexpr, SEG_COST: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_S: tl.constexpr, SEG_COST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        _after_predecessor(PDL)
         p = tl.program_id(0).to(tl.int64)
         # every head's (offset, capacity, alpha, beta, first unit, units per row) in one load (head_meta); rows
         # past Hkv get a first unit no unit reaches
@@ -97,8 +95,6 @@ if HAS_TRITON:
                     stride_oh, num_kv_heads, GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
                 )  # fmt: skip
             t = seg_end
-        if PDL == 2:
-            gdc_launch_dependents()
 
 
 def head_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost: int = 0) -> torch.Tensor:
@@ -167,6 +163,6 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
         SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_launch(config, query.device),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out

@@ -569,46 +569,6 @@ def test_decode_and_prefill_launch_no_torch_ops(monkeypatch):
 
 @gpu
 @needs_cuda
-def test_gpu_decode_pdl_chain_in_a_graph():
-    """With programmatic dependent launch each decode may start before the kernel before it ends: a captured chain
-    in which every decode's query is the previous step's output (split and balanced kernels back to back, a torch
-    normalisation between some), replayed with fresh queries, equals the float64 chain; a kernel reading early
-    would read stale queries or tickets."""
-    assert decode.pdl_launch({"pdl": 1}, torch.device("cpu")) == {"PDL": 0}
-    if not decode.pdl_supported(torch.device(DEVICE)):
-        pytest.skip("programmatic dependent launch needs sm_90+ and triton's gdc")
-    plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
-    lengths = [6000, 3001, 5999, 7]
-    query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, 128)
-    q_pos = torch.tensor(lengths, device=DEVICE) - 1
-    split = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "merge_splits": 16,
-             "fused_merge": True}  # fmt: skip
-    balanced = {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4,
-                "segment_cost": 2}  # fmt: skip
-    s1, s2, b1, b2 = ({**conf, "pdl": level} for conf in (split, balanced) for level in (1, 2))
-    chain = ["norm", s1, b1, "norm", b2, s2, s1, "norm", b1, b2, s2]  # pdl 1: next launch at the start; 2: later
-
-    def run(q, attend):
-        for step in chain:  # "norm": queries of norm 24, logits of std ~2 (attention that depends on them)
-            q = q * (24.0 / q.norm(dim=-1, keepdim=True)) if step == "norm" else attend(q, step)
-        return q
-
-    kernel = lambda q, config: decode._launch_decode(q, cache, q_pos, *rule[:2], 128**-0.5, *rule[2:], config=config)  # noqa: E731
-
-    run(query, kernel)  # compile and cache the work lists before the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run(query, kernel)
-    keys64, values64 = cache[0].double(), cache[1].double()
-    reference = lambda q, _: decode.moa_decode_ref(q, keys64, values64, *cache[2:], q_pos, *rule)  # noqa: E731
-    for _ in range(5):
-        query.copy_(torch.randn_like(query))
-        graph.replay()
-        assert rel_err(out, run(query.double(), reference)) < 2e-2
-
-
-@gpu
-@needs_cuda
 @pytest.mark.parametrize("variant", ["fused", "separate merge", "balanced", "balanced, few programs"])
 def test_gpu_decode_many_splits_graph_replays(variant):
     """Dozens of splits (or balanced pieces) per head race to merge: 20 graph replays with fresh queries all
