@@ -8,6 +8,7 @@
                                                        # the best 3 and the current config re-timed in step too
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 balanced step  # the balanced kernel's knobs
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 segcost step  # tiles charged per segment
+    PYTHONPATH=. python benchmarks/sweep_decode.py 400 8192x16@0.5,8192x16@0.25 retune step  # the 2-warp entry
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -52,6 +53,15 @@ SEGCOST_CANDIDATES = [
     for (w, st, p), costs in (((2, 2, 4), (0, 1, 2, 3)), ((4, 3, 2), (0, 2, 3, 4, 6, 8)))
     for c in costs
 ]  # fmt: skip
+# the 2-warp balanced entry again, tiles, stages, programs per SM and segment cost together (8k x 16)
+RETUNE_CANDIDATES = [
+    {"balanced": True, "BLOCK_N": bn, "num_warps": 2, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
+     "segment_cost": c * 64 // bn}
+    for bn, st, p, c in itertools.product((32, 64), (2, 3), (3, 4), (1, 2, 3, 4))
+]  # fmt: skip
+# the retune's winner alone, to check it against the table at the other shapes of the 2-warp entry
+BN32_CANDIDATES = [{"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
+                    "merge_splits": 16, "segment_cost": 4}]  # fmt: skip
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
                   for cap in (4096, 8192, 16384)]  # fmt: skip
@@ -92,7 +102,8 @@ def main() -> None:
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)
     if len(sys.argv) > 3:
         candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES,
-                      "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
+                      "retune": RETUNE_CANDIDATES, "bn32": BN32_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
