@@ -10,6 +10,7 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25 segcost step  # tiles charged per segment
     PYTHONPATH=. python benchmarks/sweep_decode.py 400 8192x16@0.5,8192x16@0.25 retune step  # the 2-warp entry
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 4608x371@0.5,8192x64@0.25 retune4 step  # the 4-warp entry
+    PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 fine step  # 16/32-slot tiles
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -66,6 +67,12 @@ RETUNE4_CANDIDATES = [
      "segment_cost": c // bn}
     for bn, w, st, p, c in itertools.product((32, 64), (2, 4), (3, 4), (2, 3), (128, 192))
 ]  # fmt: skip
+# finer still for the 2-warp entry: tiles of 16 / 32 slots, deeper pipelines, more programs per SM
+FINE_CANDIDATES = [
+    {"balanced": True, "BLOCK_N": bn, "num_warps": 2, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
+     "segment_cost": c // bn}
+    for bn, st, p, c in itertools.product((16, 32), (3, 4, 5), (4, 5, 6), (64, 128, 192))
+]  # fmt: skip
 # the retune's winner alone, to check it against the table at the other shapes of the 2-warp entry
 BN32_CANDIDATES = [{"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
                     "merge_splits": 16, "segment_cost": 4}]  # fmt: skip
@@ -111,7 +118,7 @@ def main() -> None:
         candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES,
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
                       "retune": RETUNE_CANDIDATES, "bn32": BN32_CANDIDATES,
-                      "retune4": RETUNE4_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
