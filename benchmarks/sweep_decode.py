@@ -11,6 +11,7 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 400 8192x16@0.5,8192x16@0.25 retune step  # the 2-warp entry
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 4608x371@0.5,8192x64@0.25 retune4 step  # the 4-warp entry
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 fine step  # 16/32-slot tiles
+    PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 whole step  # long fixed splits
 
 Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
 the entry that serves it; the table itself is left unchanged (paste winners by hand).
@@ -73,6 +74,11 @@ FINE_CANDIDATES = [
      "segment_cost": c // bn}
     for bn, st, p, c in itertools.product((16, 32), (3, 4, 5), (4, 5, 6), (64, 128, 192))
 ]  # fmt: skip
+# the split kernel with long fixed splits (a whole short head per program, no merge for it) and deep pipelines
+WHOLE_CANDIDATES = [
+    {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "split_len": sl, "fused_merge": True, "merge_splits": 16}
+    for sl, w, st, bn in itertools.product((1024, 1536, 2048, 3072, 4096), (4, 8), (3, 4, 5), (64, 128))
+]  # fmt: skip
 # the retune's winner alone, to check it against the table at the other shapes of the 2-warp entry
 BN32_CANDIDATES = [{"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
                     "merge_splits": 16, "segment_cost": 4}]  # fmt: skip
@@ -118,7 +124,8 @@ def main() -> None:
         candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES,
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
                       "retune": RETUNE_CANDIDATES, "bn32": BN32_CANDIDATES,
-                      "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
+                      "whole": WHOLE_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
