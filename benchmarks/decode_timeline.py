@@ -160,9 +160,7 @@ def main() -> None:
         scale = cfg.head_dim**-0.5
 
         def fn(query=query, cache=cache, q_pos=q_pos, a_d=a_d, b_d=b_d, c=conf, launch=launch, scale=scale):
-            if launch is mods["balanced"].launch_balanced:
-                return launch(query, cache, q_pos, a_d, b_d, scale, cfg.sink, cfg.min_span, c)
-            return launch(query, cache, q_pos, a_d, b_d, scale, cfg.sink, cfg.min_span, config=c)
+            return launch(query, cache, q_pos, a_d, b_d, scale, cfg.sink, cfg.min_span, c)  # both take the config 9th
 
         ref = ba.decode.moa_decode_ref(
             query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, a_d, b_d, cfg.sink, cfg.min_span
