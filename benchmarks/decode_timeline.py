@@ -1,12 +1,12 @@
 """Per-program timeline of the decode kernels on the GPU (one L2-flushed call, 5 repeats).
 
     PYTHONPATH=. python benchmarks/decode_timeline.py      # writes $OUT/timeline.json
-    PYTHONPATH=. python benchmarks/decode_timeline.py '[["split", 32768, 1, 0.5, {"BLOCK_N": 64, ...}]]'  # cases
+    PYTHONPATH=. python benchmarks/decode_timeline.py '[[32768, 1, 0.5, {"BLOCK_N": 64, ...}]]'  # own cases
 
 An instrumented copy of kernels/moa_decode_balanced.py or kernels/moa_decode.py (the split kernel; made by text
 substitution, loaded into the remote package) stores per program: %globaltimer at its start, before its first segment
 (query, window edge and tile loop), after its last segment's tile loop and at its end, its SM and its segment count.
-Printed per case (CASES): the kernel span, the spread of start and end times, the prologue, loop and epilogue medians.
+Printed per case (CASES: the table's configs): the kernel span, the spread of start and end times, the prologue, loop and epilogue medians.
 """
 
 from __future__ import annotations
@@ -106,14 +106,11 @@ def timed_module(kind: str = "balanced"):
     return mod
 
 
-SPLIT_1ROW = dict(BLOCK_N=64, num_warps=2, num_stages=3, programs_per_sm=1, fused_merge=True, merge_splits=16)
-BALANCED_2W = dict(balanced=True, BLOCK_N=32, num_warps=2, num_stages=3, programs_per_sm=4, merge_splits=16,
-                   segment_cost=4)  # fmt: skip
-CASES = [  # (kernel, context, rows, density, launch config): the table's configs of 2026-11-25 05:xx UTC
-    ("split", 8192, 1, 0.5, SPLIT_1ROW),
-    ("split", 32768, 1, 0.5, SPLIT_1ROW),
-    ("split", 131072, 1, 0.25, SPLIT_1ROW),
-    ("balanced", 8192, 16, 0.25, BALANCED_2W),
+CASES = [  # (context, rows, density, launch config): None is the DECODE_CONFIGS entry serving the shape
+    (8192, 1, 0.5, None),
+    (32768, 1, 0.5, None),
+    (131072, 1, 0.25, None),
+    (8192, 16, 0.25, None),
 ]
 
 
@@ -147,11 +144,13 @@ def main() -> None:
     mods = {kind: timed_module(kind) for kind in ("balanced", "split")}
     cfg = ba.BenchConfig()
     out = {}
-    cases = json.loads(sys.argv[1]) if len(sys.argv) > 1 else CASES  # [[kernel, n, rows, density, config], ...]
-    for kind, n, bsz, density, conf in cases:
-        mod = mods[kind]
+    cases = json.loads(sys.argv[1]) if len(sys.argv) > 1 else CASES  # [[n, rows, density, config or null], ...]
+    for n, bsz, density, conf in cases:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         cache = ba.decode_cache(bsz, n, alpha, beta, cfg.sink, cfg.min_span, cfg.head_dim)
+        conf = conf or ba.decode.decode_config(bsz, cache[0].shape[1] - 1)
+        kind = "balanced" if conf.get("balanced") else "split"
+        mod = mods[kind]
         query = torch.randn(bsz, cfg.hq, 1, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
         q_pos = torch.full((bsz,), n - 1, device="cuda", dtype=torch.int64)
         mod.TIMER = torch.zeros(2**16 * 6, dtype=torch.int64, device="cuda")  # rows of programs that ran are set

@@ -79,9 +79,10 @@ WHOLE_CANDIDATES = [
     {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "split_len": sl, "fused_merge": True, "merge_splits": 16}
     for sl, w, st, bn in itertools.product((1024, 1536, 2048, 3072, 4096), (4, 8), (3, 4, 5), (64, 128))
 ]  # fmt: skip
-# the retune's winner alone, to check it against the table at the other shapes of the 2-warp entry
-BN32_CANDIDATES = [{"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
-                    "merge_splits": 16, "segment_cost": 4}]  # fmt: skip
+# the 2-warp entry's config before 2026-11-25 05:1x UTC (64-slot tiles), against the table's at any shape of the
+# entry (the check that adopted the 32-slot tiles ran the winner against it the other way round)
+PREV2W_CANDIDATES = [{"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4,
+                      "merge_splits": 16, "segment_cost": 2}]  # fmt: skip
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
                   for cap in (4096, 8192, 16384)]  # fmt: skip
@@ -123,7 +124,7 @@ def main() -> None:
     if len(sys.argv) > 3:
         candidates = {"e2e": E2E_CANDIDATES, "small": SMALL_CANDIDATES, "granule": GRANULE_CANDIDATES,
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
-                      "retune": RETUNE_CANDIDATES, "bn32": BN32_CANDIDATES,
+                      "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
                       "whole": WHOLE_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"

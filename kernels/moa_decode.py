@@ -362,7 +362,7 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 # 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md); each (row, head) a program starts is
 # charged segment_cost tiles (sweep_decode.py ... segcost, 2026-11-25 03:4x UTC: 1-3.5%). The 4-warp config wins
 # from 8k x 64 and 32k x 16 (2**20 rows x slots) up, so the 2-warp entry ends at 3 * 2**18 (8k x 16 at 50% is
-# 524k); its tiles are 32 slots with 3 stages and a cost of 4 (128 slots) since sweep_decode.py ... retune / bn32
+# 524k); its tiles are 32 slots with 3 stages and a cost of 4 (128 slots) since sweep_decode.py ... retune and a check
 # (2026-11-25 05:1x UTC: 1.9-3.4% in step at every shape of the entry, twice). benchmarks/bench_attention.py's sweep
 # re-times one shape per entry.
 DECODE_CONFIGS = [
