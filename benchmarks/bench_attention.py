@@ -339,7 +339,7 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 
 
 def decode_candidate(candidate: tuple) -> dict:
-    """A DECODE_CONFIGS launch config from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits
+    """A decode launch config (an entry of DECODE_CONFIGS or DECODE_CONFIGS_D64) from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits
     [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm
     [, segment_cost]); a dict is the config itself."""
     if isinstance(candidate, dict):
@@ -352,30 +352,32 @@ def decode_candidate(candidate: tuple) -> dict:
 
 
 def time_decode_candidates(cfg, n: int, bsz: int, density: float, candidates, entry: int, deadline=None) -> dict:
-    """ms of decode (CUDA-graph replays) at (n, bsz, density) for each candidate, installed in DECODE_CONFIGS[entry].
+    """ms of decode (CUDA-graph replays) at (n, bsz, density) for each candidate, installed in entry ``entry`` of the
+    head size's table (``decode.decode_table(cfg.head_dim)``).
 
     The entry is restored afterwards; a shape that another entry would serve stops the run (the timing would be of
     the wrong config). Candidates left when time.time() passes ``deadline`` are skipped.
     """
     alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
-    *limits, original = decode.DECODE_CONFIGS[entry]
+    table = decode.decode_table(cfg.head_dim)
+    *limits, original = table[entry]
     timings = {}
     try:
         for candidate in candidates:
             if deadline is not None and time.time() > deadline:
                 break
             conf = decode_candidate(candidate)
-            decode.DECODE_CONFIGS[entry] = (*limits, conf)
+            table[entry] = (*limits, conf)
             try:
                 ms, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
             except Exception as exc:
                 log("decode config failed", conf, repr(exc)[:200])
                 continue
-            if not decode.INTERPRETED and decode.decode_config(bsz, slots) is not conf:
+            if not decode.INTERPRETED and decode.decode_config(bsz, slots, cfg.head_dim) is not conf:
                 raise SystemExit(f"decode shape n={n} b={bsz} is not served by entry {entry}: fix the shapes")
             timings[json.dumps(conf)] = ms
     finally:
-        decode.DECODE_CONFIGS[entry] = (*limits, original)
+        table[entry] = (*limits, original)
     return timings
 
 
@@ -383,9 +385,10 @@ def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
     """Time every decode candidate at (n, bsz, density 50%); install the best in the bucket."""
     timings = time_decode_candidates(cfg, n, bsz, 0.5, cfg.decode_candidates, bucket)
     log(f"decode sweep n={n} b={bsz}", json.dumps(timings))
-    *limits, original = decode.DECODE_CONFIGS[bucket]
+    table = decode.decode_table(cfg.head_dim)
+    *limits, original = table[bucket]
     best = json.loads(min(timings, key=timings.get)) if timings else original
-    decode.DECODE_CONFIGS[bucket] = (*limits, best)
+    table[bucket] = (*limits, best)
     return {"n": n, "batch": bsz, "best": best, "ms": timings}
 
 
@@ -404,8 +407,9 @@ def config_tables() -> str:
     """The installed launch-config tables as Python source (the winners of this run's sweep)."""
     lines = ["PREFILL_CONFIGS = ["]
     lines += [f"    ({limit}, {conf})," for limit, conf in prefill.PREFILL_CONFIGS]
-    lines += ["]", "DECODE_CONFIGS = ["]
-    lines += [f"    ({rows}, {limit}, {conf})," for rows, limit, conf in decode.DECODE_CONFIGS]
+    for name, head_dim in (("DECODE_CONFIGS", 128), ("DECODE_CONFIGS_D64", 64)):
+        lines += ["]", f"{name} = ["]
+        lines += [f"    ({rows}, {limit}, {conf})," for rows, limit, conf in decode.decode_table(head_dim)]
     return "\n".join(lines + ["]"]).replace("2305843009213693952", "2**61").replace("4611686018427387904", "2**62")
 
 

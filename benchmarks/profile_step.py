@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/profile_step.py --cases 4096+1024:371,16384+4096:88 --out $OUT
 
-For each case (context+new:batch) the Llama-3-8B-shaped model (random bf16 weights, bench_e2e.build) with the 50%
+For each case (context+new:batch) the Llama-3-8B-shaped model (``--model llama-3.2-1b``: the 1B shape) (random bf16 weights, bench_e2e.build) with the 50%
 plan decodes through ``MoaDecodeLoop`` at the midpoint context, as in bench_e2e. Printed: the step time of CUDA-graph
 replays, the sum of kernel times per step, and kernel time per step grouped by kind and by kernel name.
 """
@@ -97,9 +97,10 @@ def main() -> None:
     parser.add_argument("--cases", default="4096+1024:371,16384+4096:88")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fused", default="1", help="MOA_FUSED values to profile, e.g. 1,0 (fused kernels on / off)")
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(e2e.SHAPES))
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    dense = e2e.build("llama-3-8b" if e2e.CUDA else "tiny")
+    dense = e2e.build(args.model if e2e.CUDA else "tiny")
     moa = moa_twin(dense, e2e.plans(dense, 4096)["moa-50"])
     results = []
     for case, fused in ((c, f) for c in args.cases.split(",") for f in args.fused.split(",")):

@@ -12,9 +12,13 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 4608x371@0.5,8192x64@0.25 retune4 step  # the 4-warp entry
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 fine step  # 16/32-slot tiles
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 whole step  # long fixed splits
+    PYTHONPATH=. python benchmarks/sweep_decode.py --head-dim 64 500 9216x816@0.5,8192x64@0.5 d64 step  # d=64
+        (Llama-3.2-1B's heads: 32 q heads, 8 kv heads, d=64; d64small: the split kernel at one or two rows)
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x371@0.5,9216x183@0.5 wide2w step  # d=128, e2e batches
 
-Each point is timed with the config DECODE_CONFIGS gives it now ("current") and with every candidate installed in
-the entry that serves it; the table itself is left unchanged (paste winners by hand).
+Each point is timed with the config the head size's table (DECODE_CONFIGS, or DECODE_CONFIGS_D64 at d <= 64) gives
+it now ("current") and with every candidate installed in the entry that serves it; the table itself is left
+unchanged (paste winners by hand).
 """
 
 from __future__ import annotations
@@ -83,35 +87,61 @@ WHOLE_CANDIDATES = [
 # entry (the check that adopted the 32-slot tiles ran the winner against it the other way round)
 PREV2W_CANDIDATES = [{"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4,
                       "merge_splits": 16, "segment_cost": 2}]  # fmt: skip
+# head_dim 64 (Llama-3.2-1B): half the bytes per slot, so tiles of up to 128 slots; the split config of run 14
+# (before the balanced kernel) for reference
+D64_CANDIDATES = [
+    {"balanced": True, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
+     "segment_cost": c // bn}
+    for bn, w, st, p, c in itertools.product((64, 128), (2, 4), (3, 4), (2, 4), (128, 256))
+]  # fmt: skip
+D64_CANDIDATES += [
+    {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16, "fused_merge": True, "merge_splits": 16}
+]
+# d=128 at the e2e batches: the d=64 winner's shape (2 warps, 4+ programs per SM) with 64-slot tiles
+WIDE2W_CANDIDATES = [
+    {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
+     "segment_cost": c}
+    for st, p, c in itertools.product((2, 3, 4), (3, 4, 5), (2, 4))
+]  # fmt: skip
+# head_dim 64 at one or two rows: the split kernel with 64- or 128-slot tiles and few, long splits
+D64_SMALL_CANDIDATES = [
+    {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "programs_per_sm": p, "fused_merge": True, "merge_splits": 16}
+    for bn, w, p in itertools.product((64, 128), (2, 4), (0.5, 1, 2))
+]
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
                   for cap in (4096, 8192, 16384)]  # fmt: skip
 
 
-def serving_entry(bsz: int, slots: int) -> int:
-    """Index of the DECODE_CONFIGS entry that serves bsz rows of `slots` cache slots."""
-    conf = ba.decode.decode_config(bsz, slots)
-    return next(i for i, entry in enumerate(ba.decode.DECODE_CONFIGS) if entry[-1] is conf)
+def serving_entry(bsz: int, slots: int, head_dim: int) -> int:
+    """Index of the entry of the head size's table that serves bsz rows of `slots` cache slots."""
+    conf = ba.decode.decode_config(bsz, slots, head_dim)
+    return next(i for i, entry in enumerate(ba.decode.decode_table(head_dim)) if entry[-1] is conf)
 
 
 def step_times(cfg, n: int, bsz: int, alpha, beta, slots: int, timings: dict) -> dict:
     """ms per layer in step (bench_attention's in-step timer) of the current config and the 3 fastest per call."""
-    entry = serving_entry(bsz, slots)
-    *limits, original = ba.decode.DECODE_CONFIGS[entry]
+    entry = serving_entry(bsz, slots, cfg.head_dim)
+    table = ba.decode.decode_table(cfg.head_dim)
+    *limits, original = table[entry]
     read = bsz * slots * (2 * cfg.head_dim * 2 + 4)
     result = {"current": ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]}
     try:
         for name in sorted((k for k in timings if k != "current"), key=timings.get)[:3]:
-            ba.decode.DECODE_CONFIGS[entry] = (*limits, json.loads(name))
+            table[entry] = (*limits, json.loads(name))
             result[name] = ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]
     finally:
-        ba.decode.DECODE_CONFIGS[entry] = (*limits, original)
+        table[entry] = (*limits, original)
     ba.log(f"{n}x{bsz} in step: " + json.dumps({k: round(v, 4) for k, v in result.items()}))
     return result
 
 
 def main() -> None:
     cfg = ba.BenchConfig()
+    if "--head-dim" in sys.argv:  # another head size (the table is keyed by it); the rest of argv as below
+        at = sys.argv.index("--head-dim")
+        cfg.head_dim = int(sys.argv[at + 1])
+        del sys.argv[at : at + 2]
     points, candidates = POINTS, CANDIDATES
     if not ba.CUDA:  # CPU smoke test under TRITON_INTERPRET=1
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -126,7 +156,7 @@ def main() -> None:
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
                       "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
-                      "whole": WHOLE_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES, "wide2w": WIDE2W_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
@@ -136,7 +166,7 @@ def main() -> None:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         current, slots = ba.time_moa_decode(bsz, n, alpha, beta, cfg)
         timings = ba.time_decode_candidates(
-            cfg, n, bsz, density, candidates, serving_entry(bsz, slots), deadline
+            cfg, n, bsz, density, candidates, serving_entry(bsz, slots, cfg.head_dim), deadline
         )  # fmt: skip
         timings["current"] = current
         best = min(timings, key=timings.get)

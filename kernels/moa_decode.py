@@ -355,16 +355,16 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
     return buf
 
 
-# d=128 bf16: (most rows, most rows x cache slots, launch config), the first entry holding a call wins. One or two
-# rows: the split kernel with few, long splits (the merge of many pieces is serial per head; the 2026-11-24 21:4x
-# sweep, sweep_decode.py ... small). More rows: the balanced kernel (moa_decode_balanced.py, one wave of equal
-# programs), which beat the best split config by 1-7% from 8k x 16 up to 128k x 64 and 4.6k x 371 rows in the
-# 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md); each (row, head) a program starts is
-# charged segment_cost tiles (sweep_decode.py ... segcost, 2026-11-25 03:4x UTC: 1-3.5%). The 4-warp config wins
-# from 8k x 64 and 32k x 16 (2**20 rows x slots) up, so the 2-warp entry ends at 3 * 2**18 (8k x 16 at 50% is
-# 524k); its tiles are 32 slots with 3 stages and a cost of 4 (128 slots) since sweep_decode.py ... retune and a check
-# (2026-11-25 05:1x UTC: 1.9-3.4% in step at every shape of the entry, twice). benchmarks/bench_attention.py's sweep
-# re-times one shape per entry.
+# d=128 bf16 (and any head size above 64): (most rows, most rows x cache slots, launch config), the first entry
+# holding a call wins. One or two rows: the split kernel with few, long splits (the merge of many pieces is serial
+# per head; the 2026-11-24 21:4x sweep, sweep_decode.py ... small). More rows: the balanced kernel
+# (moa_decode_balanced.py, one wave of equal programs), which beat the best split config by 1-7% from 8k x 16 up to
+# 128k x 64 and 4.6k x 371 rows in the 2026-11-25 01:xx UTC sweep, and lost by 13-45% at one row (RESULTS.md); each
+# (row, head) a program starts is charged segment_cost tiles (sweep_decode.py ... segcost, 2026-11-25 03:4x UTC:
+# 1-3.5%). The 4-warp config wins from 8k x 64 and 32k x 16 (2**20 rows x slots) up, so the 2-warp entry ends at
+# 3 * 2**18 (8k x 16 at 50% is 524k); its tiles are 32 slots with 3 stages and a cost of 4 (128 slots) since
+# sweep_decode.py ... retune and a check (2026-11-25 05:1x UTC: 1.9-3.4% in step at every shape of the entry,
+# twice). benchmarks/bench_attention.py's sweep re-times one shape per entry.
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
@@ -373,14 +373,32 @@ DECODE_CONFIGS = [
     (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
                     "merge_splits": 16, "segment_cost": 3}),
 ]  # fmt: skip
-_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
+# d <= 64 (Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2): a slot is half the bytes, and one config serves every batch above
+# two rows: 64-slot tiles (the bytes of the d=128 2-warp entry's 32), 2 warps, 4 programs per SM. The d=128 4-warp
+# entry took 26% longer at Llama-3.2-1B's 8k+2k serving shape (9.2k x 816 rows: 2.226 vs 1.763 ms;
+# sweep_decode.py --head-dim 64 ... d64, 2026-11-25 06:4x UTC; RESULTS.md "Decode at head size 64").
+DECODE_CONFIGS_D64 = [
+    (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
+                "merge_splits": 16}),
+    (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
+                    "merge_splits": 16, "segment_cost": 4}),
+]  # fmt: skip
 
 
-def decode_config(bsz: int, total_slots: int) -> dict:
-    """Launch config of the first DECODE_CONFIGS entry holding bsz rows and bsz * total_slots."""
+def decode_table(head_dim: int) -> list:
+    """The launch-config table of this head size (d <= 64 has its own: half the bytes per slot)."""
+    return DECODE_CONFIGS_D64 if head_dim <= 64 else DECODE_CONFIGS
+
+
+def decode_config(bsz: int, total_slots: int, head_dim: int = 128) -> dict:
+    """Launch config of the first entry of the head size's table holding bsz rows and bsz * total_slots."""
+    table = decode_table(head_dim)
     work = bsz * total_slots
-    fits = (cfg for rows, limit, cfg in DECODE_CONFIGS if bsz <= rows and work <= limit)
-    return next(fits, DECODE_CONFIGS[-1][-1])
+    fits = (cfg for rows, limit, cfg in table if bsz <= rows and work <= limit)
+    return next(fits, table[-1][-1])
+
+
+_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
 
 
 def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config=None):
@@ -391,7 +409,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     group = num_q_heads // num_kv_heads
     total_slots = cache_keys.shape[1] - 1
     if config is None:
-        config = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots)
+        config = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots, head_dim)
     if config.get("balanced"):
         return launch_balanced(query, cache, q_pos, alpha, beta, scale, sink, min_span, config)
     split_len = config.get("split_len") or decode_split_len(

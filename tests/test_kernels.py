@@ -594,3 +594,30 @@ def test_gpu_decode_many_splits_graph_replays(variant):
         graph.replay()
         ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
         assert rel_err(out, ref64) < 1e-2
+
+
+def test_decode_table_follows_the_head_size():
+    """d <= 64 takes its own table (half the bytes per slot), any larger head the d=128 one; in each, one or two
+    rows get the split kernel and more rows the balanced kernel."""
+    assert decode.decode_table(64) is decode.DECODE_CONFIGS_D64 and decode.decode_table(32) is decode.DECODE_CONFIGS_D64
+    assert decode.decode_table(128) is decode.DECODE_CONFIGS and decode.decode_table(96) is decode.DECODE_CONFIGS
+    for head_dim in (64, 128):
+        table = decode.decode_table(head_dim)
+        assert decode.decode_config(1, 10**6, head_dim) is table[0][-1] and not table[0][-1].get("balanced")
+        assert decode.decode_config(816, 37_000, head_dim) is table[-1][-1] and table[-1][-1]["balanced"]
+    assert decode.decode_config(816, 37_000, 64) is not decode.decode_config(816, 37_000, 128)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_decode_every_table_config(head_dim):
+    """Every launch config of the head size's table, on ragged rows and many pieces per head, against float64."""
+    plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
+    for rows, _, config in decode.decode_table(head_dim):
+        lengths = [6000, 3001, 5999, 7, 1500][: min(rows, 5)]
+        query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, head_dim)
+        q_pos = torch.tensor(lengths, device=DEVICE) - 1
+        out = decode._launch_decode(query, cache, q_pos, *rule[:2], head_dim**-0.5, *rule[2:], config=config)
+        ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+        assert rel_err(out, ref64) < 1e-2, config
