@@ -15,6 +15,7 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py --head-dim 64 500 9216x816@0.5,8192x64@0.5 d64 step  # d=64
         (Llama-3.2-1B's heads: 32 q heads, 8 kv heads, d=64; d64small: the split kernel at one or two rows)
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x371@0.5,9216x183@0.5 wide2w step  # d=128, e2e batches
+    PYTHONPATH=. python benchmarks/sweep_decode.py --heads 28,4 300 9216x424@0.5 d64 step  # Qwen2.5-7B's heads
 
 Each point is timed with the config the head size's table (DECODE_CONFIGS, or DECODE_CONFIGS_D64 at d <= 64) gives
 it now ("current") and with every candidate installed in the entry that serves it; the table itself is left
@@ -141,6 +142,10 @@ def main() -> None:
     if "--head-dim" in sys.argv:  # another head size (the table is keyed by it); the rest of argv as below
         at = sys.argv.index("--head-dim")
         cfg.head_dim = int(sys.argv[at + 1])
+        del sys.argv[at : at + 2]
+    if "--heads" in sys.argv:  # "q,kv" heads: another GQA group (Qwen2.5-7B: 28,4, groups of 7)
+        at = sys.argv.index("--heads")
+        cfg.hq, cfg.hkv = (int(x) for x in sys.argv[at + 1].split(","))
         del sys.argv[at : at + 2]
     points, candidates = POINTS, CANDIDATES
     if not ba.CUDA:  # CPU smoke test under TRITON_INTERPRET=1
