@@ -20,7 +20,7 @@ import torch
 from .moa_prefill import gather_head_slots, use_triton
 from .moa_reference import moa_attention_ref
 from .moa_tensor_cache import TensorMemo
-from .moa_window import INTERPRETED, dot_precision
+from .moa_window import INTERPRETED, dot_precision, launch_fitting
 
 try:
     import triton
@@ -408,8 +408,12 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     num_kv_heads = head_capacity.numel()
     group = num_q_heads // num_kv_heads
     total_slots = cache_keys.shape[1] - 1
-    if config is None:
-        config = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots, head_dim)
+    if config is None:  # the table's config, or a smaller one where this GPU cannot load it
+        table = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots, head_dim)
+        return launch_fitting(
+            lambda c: _launch_decode(query, cache, q_pos, alpha, beta, scale, sink, min_span, c),
+            table, (head_dim, group, query.dtype, query.device), "MoA decode",
+        )  # fmt: skip
     if config.get("balanced"):
         return launch_balanced(query, cache, q_pos, alpha, beta, scale, sink, min_span, config)
     split_len = config.get("split_len") or decode_split_len(

@@ -18,7 +18,7 @@ import torch
 from .moa_reference import moa_attention_ref
 from .moa_spans import window_at
 from .moa_tensor_cache import TensorMemo
-from .moa_window import BIG, INTERPRETED, dot_precision, window_lo  # noqa: F401 (window_lo: the torch reference, re-exported)
+from .moa_window import BIG, INTERPRETED, dot_precision, launch_fitting, window_lo  # noqa: F401 (window_lo: the torch reference, re-exported)
 
 try:
     import triton
@@ -233,8 +233,14 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     q_pos = q_pos if q_pos.stride(-1) == 1 else q_pos.contiguous()
     alpha, beta = _rule_on(alpha, query.device), _rule_on(beta, query.device)
+    if config is None:  # the table's config, or a smaller one where this GPU cannot load it
+        return launch_fitting(
+            lambda c: _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale, sink, min_span, c),
+            _prefill_config(head_dim, seq_len, INTERPRETED),
+            (head_dim, group, query.dtype, cache is not None, query.device), "MoA prefill",
+        )  # fmt: skip
     out = torch.empty_like(query)
-    cfg = config or _prefill_config(head_dim, seq_len, INTERPRETED)
+    cfg = config
     pack = query_heads_per_program(cfg.get("PACK", 1), group, cfg["BLOCK_M"])
     cfg = {**cfg, "PACK": pack}
     if cache is None:

@@ -14,6 +14,7 @@ tests/test_kernels.py checks ``window_edge`` equal to ``window_at`` on floor edg
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -23,6 +24,7 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice  # mul_rn / add_rn (used only when compiled)
+    from triton.runtime.errors import OutOfResources
 
     HAS_TRITON = True
 except ImportError:  # CPU-only installs fall back to the torch reference
@@ -30,6 +32,10 @@ except ImportError:  # CPU-only installs fall back to the torch reference
     tl = None
     libdevice = None
     HAS_TRITON = False
+
+    class OutOfResources(Exception):  # never raised without Triton
+        pass
+
 
 BIG = 2**40  # "no window edge" for padding queries (positions are far below this)
 
@@ -40,6 +46,66 @@ INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of the kernels' ``tl.dot``: IEEE for 32/64-bit inputs (tf32 applies to fp32 only)."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def smaller_config(config: dict) -> dict | None:
+    """The next launch config to try when ``config`` needs more shared memory than the GPU has; None if none is left.
+
+    Shrinks in the order that costs the least speed: pipeline stages down to 2, key tiles down to 32 slots (a
+    balanced decode's segment cost doubled, so it stays the same number of slots), query tiles down to 32 rows,
+    splits merged per step down to 4, one stage, then 16-wide tiles.
+    """
+    c = dict(config)
+    stages, block_n, block_m = c.get("num_stages", 1), c.get("BLOCK_N", 16), c.get("BLOCK_M", 16)
+    if stages > 2:
+        c["num_stages"] = stages - 1
+    elif block_n > 32 or (stages == 1 and block_n > 16):
+        c["BLOCK_N"] = block_n // 2
+        if "segment_cost" in c:
+            c["segment_cost"] *= 2
+    elif block_m > 32 or (stages == 1 and block_m > 16):
+        c["BLOCK_M"] = block_m // 2
+    elif c.get("merge_splits", 4) > 4:
+        c["merge_splits"] //= 2
+    elif stages > 1:
+        c["num_stages"] = 1
+    else:
+        return None
+    return c
+
+
+_FITTED: dict = {}  # (what, table config, shape key) -> the config that launched on that device
+
+
+def launch_fitting(launch, config: dict, key: tuple, what: str):
+    """``launch(config)``; where Triton raises OutOfResources, the next ``smaller_config`` until one launches.
+
+    The tables are tuned on an H200 (227 KB of shared memory per program); an A10G, L4, L40S or RTX 4090 has 99 KB,
+    and a config with deep pipelines or wide tiles does not load there. The config that launched is kept per
+    ``key`` (head size, group, dtype, device: what decides the shared memory), with one warning, when it is found. Triton
+    raises the error when it loads the compiled kernel, before the launch queues any work, so a retry is safe.
+    """
+    memo = (what, tuple(sorted(config.items())), key)
+    current, error = _FITTED.get(memo, config), None
+    while True:
+        try:
+            out = launch(current)
+        except OutOfResources as err:
+            error, smaller = err, smaller_config(current)
+            if smaller is None:
+                raise RuntimeError(
+                    f"{what}: no launch config fits this GPU ({err}); run the torch path with MOA_BACKEND=torch"
+                ) from err
+            current = _FITTED[memo] = smaller
+            continue
+        if error is not None:
+            warnings.warn(
+                f"{what}: launch config {config} needs more than this GPU has ({error}); running {current} instead "
+                "(slower than a config tuned for this GPU)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return out
 
 
 def window_lo(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sink: int, min_span: int) -> torch.Tensor:

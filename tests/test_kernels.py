@@ -7,6 +7,7 @@ inputs; the kernel may drift from float64 by a small multiple of what torch in t
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -621,3 +622,155 @@ def test_gpu_decode_every_table_config(head_dim):
         out = decode._launch_decode(query, cache, q_pos, *rule[:2], head_dim**-0.5, *rule[2:], config=config)
         ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
         assert rel_err(out, ref64) < 1e-2, config
+
+
+class _SmallGpu:
+    """Stands in for a Triton kernel on a GPU with little shared memory: raises OutOfResources for tiles wider than
+    16 or more than one stage, and runs the real (interpreted) kernel otherwise."""
+
+    def __init__(self, kernel):
+        self.kernel, self.refused, self.ran = kernel, 0, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if kwargs["BLOCK_N"] > 16 or kwargs.get("BLOCK_M", 16) > 16 or kwargs["num_stages"] > 1:
+                self.refused += 1
+                raise triton.runtime.errors.OutOfResources(120_000, 101_376, "shared memory")
+            self.ran.append({k: kwargs[k] for k in ("BLOCK_N", "num_stages")})
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@needs_interpreter
+def test_launch_configs_shrink_to_what_the_gpu_can_load(monkeypatch):
+    """A table config the GPU cannot load (OutOfResources) falls back to smaller ones with one warning per shape;
+    the next call goes straight to the config that loaded, and the results match the reference."""
+    window = remote_module("moa_window")
+    monkeypatch.setattr(window, "_FITTED", {})
+    plan = PLANS["gqa_sink0"]
+    query, cache, rule = decode_setup(plan, [40, 70])
+    q_pos = torch.tensor([39, 69], device=DEVICE)
+    fake = _SmallGpu(decode._moa_decode_split)
+    monkeypatch.setattr(decode, "_moa_decode_split", fake)
+    big = {"BLOCK_N": 32, "num_warps": 1, "num_stages": 3, "split_len": 64, "fused_merge": True, "merge_splits": 8}
+    monkeypatch.setattr(decode, "_INTERPRETER_CONFIG", big)  # the config a call takes, interpreted or compiled
+    monkeypatch.setattr(decode, "decode_config", lambda *args: big)
+    with pytest.warns(RuntimeWarning, match="MoA decode: launch config"):
+        out = decode.moa_decode(query, *cache, q_pos, *rule)
+    # refused: 3 stages, 2 stages, 2 stages merging 4 splits a step, 1 stage of 32 slots; ran: 1 stage of 16
+    assert fake.ran == [{"BLOCK_N": 16, "num_stages": 1}] and fake.refused == 4
+    ref = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    assert rel_err(out, ref) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode.moa_decode(query, *cache, q_pos, *rule)  # straight to the fitted config: no warning, no refusal
+    assert fake.refused == 4 and len(fake.ran) == 2
+
+    pfake = _SmallGpu(prefill._moa_prefill_fwd)
+    monkeypatch.setattr(prefill, "_moa_prefill_fwd", pfake)
+    pbig = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 1, "num_stages": 2, "PACK": 2}
+    monkeypatch.setattr(prefill, "_prefill_config", lambda *args: pbig)
+    pq = torch.randn(2, plan["hq"], 33, 16, device=DEVICE)
+    pk, pv = (torch.randn(2, plan["hkv"], 33, 16, device=DEVICE) for _ in range(2))
+    p_pos = chunk_positions([33, 20], 33, [0, 5])
+    with pytest.warns(RuntimeWarning, match="MoA prefill: launch config"):
+        pout = prefill.moa_prefill(pq, pk, pv, p_pos, *rule)
+    assert pfake.ran == [{"BLOCK_N": 16, "num_stages": 1}]
+    pref = reference.moa_attention_ref(pq.double(), pk.double(), pv.double(), p_pos, p_pos, *rule)
+    assert rel_err(pout, pref) < 1e-5
+
+
+def test_smaller_config_order():
+    """Stages first (down to 2), then tiles, then one stage; None when nothing is left; segment cost keeps slots."""
+    smaller = remote_module("moa_window").smaller_config
+    steps, conf = [], {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 3}
+    while conf is not None:
+        steps.append((conf["BLOCK_M"], conf["BLOCK_N"], conf["num_stages"]))
+        conf = smaller(conf)
+    assert steps == [(64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2), (32, 32, 1), (32, 16, 1), (16, 16, 1)]
+    assert smaller({"balanced": True, "BLOCK_N": 64, "num_stages": 2, "segment_cost": 2}) == {
+        "balanced": True, "BLOCK_N": 32, "num_stages": 2, "segment_cost": 4
+    }  # fmt: skip
+    assert smaller({"BLOCK_N": 32, "num_stages": 2, "merge_splits": 16})["merge_splits"] == 8
+
+
+@gpu
+@needs_cuda
+def test_gpu_table_config_too_big_for_the_device_falls_back(monkeypatch):
+    """A table config that needs more shared memory than the device has (as an H200-tuned config on a 99 KB GPU):
+    real OutOfResources from Triton, one warning, a smaller config, results equal to float64."""
+    monkeypatch.setattr(remote_module("moa_window"), "_FITTED", {})
+    plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
+    query, cache, rule = decode_setup(plan, [6000], torch.bfloat16, 128)
+    q_pos = torch.tensor([5999], device=DEVICE)
+    huge = {
+        "BLOCK_N": 256,
+        "num_warps": 4,
+        "num_stages": 5,
+        "programs_per_sm": 1,
+        "fused_merge": True,
+        "merge_splits": 8,
+    }
+    monkeypatch.setattr(decode, "DECODE_CONFIGS", [(2, 2**62, huge), *decode.DECODE_CONFIGS[1:]])
+    with pytest.warns(RuntimeWarning, match="MoA decode: launch config .* needs more than this GPU has"):
+        out = decode.moa_decode(query, *cache, q_pos, *rule)
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    assert rel_err(out, ref64) < 1e-2
+
+    alpha, beta = plan_tensors(plan)
+    pq = torch.randn(1, 16, 3000, 128, device=DEVICE, dtype=torch.bfloat16)
+    pk, pv = (torch.randn(1, 4, 3000, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    p_pos = torch.arange(3000, device=DEVICE)[None]
+    wide = {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8, "num_stages": 4, "PACK": 4}
+    monkeypatch.setattr(prefill, "PREFILL_CONFIGS", [(2**62, wide)])
+    with pytest.warns(RuntimeWarning, match="MoA prefill: launch config .* needs more than this GPU has"):
+        pout = prefill.moa_prefill(pq, pk, pv, p_pos, alpha, beta, plan["sink"], plan["min_span"])
+    pref = reference.moa_attention_ref(
+        pq.double(),
+        pk.double(),
+        pv.double(),
+        p_pos,
+        p_pos,
+        alpha.double(),
+        beta.double(),
+        plan["sink"],
+        plan["min_span"],
+    )
+    assert rel_err(pout, pref) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gpu_head_dim_256(rows):
+    """Gemma's head size: prefill and decode with the tables' configs (or smaller ones where the device cannot load
+    them) against float64."""
+    plan = dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[300.0, 2000.0], beta=[0.0, 0.5])
+    lengths = [4000, 3001, 2999, 7, 1500][:rows]
+    query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, 256)
+    q_pos = torch.tensor(lengths, device=DEVICE) - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # whether the d=128 table fits at d=256 is the device's
+        out = decode.moa_decode(query, *cache, q_pos, *rule)
+    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    assert rel_err(out, ref64) < 1e-2
+    alpha, beta = plan_tensors(plan)
+    pq = torch.randn(rows, 8, 2500, 256, device=DEVICE, dtype=torch.bfloat16)
+    pk, pv = (torch.randn(rows, 2, 2500, 256, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    p_pos = torch.arange(2500, device=DEVICE)[None].expand(rows, -1).contiguous()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pout = prefill.moa_prefill(pq, pk, pv, p_pos, alpha, beta, plan["sink"], plan["min_span"])
+    pref = reference.moa_attention_ref(
+        pq.double(),
+        pk.double(),
+        pv.double(),
+        p_pos,
+        p_pos,
+        alpha.double(),
+        beta.double(),
+        plan["sink"],
+        plan["min_span"],
+    )
+    assert rel_err(pout, pref) < 1e-2
