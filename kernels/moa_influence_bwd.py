@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .moa_influence import INFLUENCE_EPS
-from .moa_window import dot_precision
+from .moa_window import dot_precision, launch_fitting
 
 try:
     import triton
@@ -236,6 +236,7 @@ def attention_backward_with_influence(
         raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     _check_power_of_two("head_dim", head_dim)
     _check_power_of_two("block_size", block_size)
+    fit = launch is None  # the defaults shrink where the GPU cannot load them; settings passed in run as given
     launch = launch or BackwardLaunch()
     group = num_q_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
@@ -247,18 +248,31 @@ def attention_backward_with_influence(
     per_head = torch.zeros(bsz, num_q_heads, nb, nb, dtype=torch.float32, device=query.device)
     strides = (query.stride(0), query.stride(1), key.stride(0), key.stride(1))
     precision = dot_precision(query.dtype)
-    # Triton launches on the current device: make it the tensors' (a device_map-sharded model spans GPUs)
-    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+
+    def dq_influence(conf: dict) -> None:
         _bwd_dq_influence[(nb, num_q_heads, bsz)](
             query, key, value, out, grad_out, dq, lse2, delta, per_head, *strides, seq_len, scale,
             GROUP=group, BLOCK=block_size, HEAD_DIM=head_dim, EPS=INFLUENCE_EPS,
-            DOT_PRECISION=precision,
-            num_warps=launch.dq_warps, num_stages=launch.dq_stages,
+            DOT_PRECISION=precision, **conf,
         )  # fmt: skip
-        _bwd_dkdv[(math.ceil(seq_len / launch.key_block), num_kv_heads, bsz)](
+
+    def dkdv(conf: dict) -> None:  # BLOCK_M: keys per program, BLOCK_N: query rows per step (<= BLOCK_M)
+        _bwd_dkdv[(math.ceil(seq_len / conf["BLOCK_M"]), num_kv_heads, bsz)](
             query, key, value, grad_out, dk, dv, lse2, delta, *strides, seq_len, scale,
-            GROUP=group, KEY_BLOCK=launch.key_block, QUERY_BLOCK=launch.query_block, HEAD_DIM=head_dim,
-            DOT_PRECISION=precision,
-            num_warps=launch.dkdv_warps, num_stages=launch.dkdv_stages,
+            GROUP=group, KEY_BLOCK=conf["BLOCK_M"], QUERY_BLOCK=conf["BLOCK_N"], HEAD_DIM=head_dim,
+            DOT_PRECISION=precision, num_warps=conf["num_warps"], num_stages=conf["num_stages"],
         )  # fmt: skip
+
+    dq_conf = {"num_warps": launch.dq_warps, "num_stages": launch.dq_stages}
+    dkdv_conf = {"BLOCK_M": launch.key_block, "BLOCK_N": launch.query_block, "num_warps": launch.dkdv_warps,
+                 "num_stages": launch.dkdv_stages}  # fmt: skip
+    shape = (head_dim, group, block_size, query.dtype, query.device)
+    # Triton launches on the current device: make it the tensors' (a device_map-sharded model spans GPUs)
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        if fit:
+            launch_fitting(dq_influence, dq_conf, shape, "attention backward (dQ, influence)")
+            launch_fitting(dkdv, dkdv_conf, shape, "attention backward (dK, dV)")
+        else:
+            dq_influence(dq_conf)
+            dkdv(dkdv_conf)
     return dq, dk, dv, per_head.sum(0).reshape(num_kv_heads, group, nb, nb).sum(1)

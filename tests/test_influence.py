@@ -189,6 +189,38 @@ def test_fused_backward_equals_autograd_and_torch_influence(request, case):
 
 
 @needs_triton
+def test_fused_backward_defaults_shrink_where_the_gpu_cannot_load_them(request, monkeypatch):
+    """The default launch settings fall back to smaller tiles and fewer stages where the GPU has too little shared
+    memory (Triton's OutOfResources; a stand-in kernel refuses here); gradients stay equal to autograd's."""
+    if rerun_under_interpreter(request):
+        return
+    monkeypatch.setattr(remote_module("moa_window"), "_FITTED", {})
+    real, refused = bwd._bwd_dkdv, []
+
+    class SmallGpu:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["QUERY_BLOCK"] > 16 or kwargs["num_stages"] > 1:
+                    refused.append((kwargs["KEY_BLOCK"], kwargs["QUERY_BLOCK"], kwargs["num_stages"]))
+                    raise bwd.triton.runtime.errors.OutOfResources(120_000, 101_376, "shared memory")
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(bwd, "_bwd_dkdv", SmallGpu())
+    q, k, v, grad_out = random_attention_case(1, 4, 2, 70, 16, torch.float32, seed=5)
+    out, want = causal_grads(q, k, v, grad_out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [t.float().to(device) for t in (q, k, v, out, grad_out)]
+    with pytest.warns(RuntimeWarning, match=r"attention backward \(dK, dV\): launch config"):
+        *grads, _ = bwd.attention_backward_with_influence(*args, 32)
+    # (keys per program, query rows per step, stages): the defaults, narrower query steps, fewer keys, one stage
+    assert refused == [(64, 64, 2), (64, 32, 2), (32, 32, 2), (32, 32, 1)]
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        assert rel_err(got, ref) < 1e-5, name
+
+
+@needs_triton
 def test_profiled_backward_takes_the_fused_kernel_without_recompute(request, monkeypatch):
     if rerun_under_interpreter(request):
         return
