@@ -106,9 +106,22 @@ def device_ceilings(size_mb: int) -> dict:
     }
 
 
+def decode_caps(n: int, alpha, beta, sink: int, min_span: int) -> list[int]:
+    """Slots per kv head of a static cache holding exactly S_g(n) (at least sink + 1)."""
+    return [max(sink + 1, int(s)) for s in spans.span_at(n, alpha, beta, sink, min_span).tolist()]
+
+
+def decode_entry(cfg, n: int, bsz: int, density: float) -> int:
+    """Index of the entry of the head size's decode table that serves (n, bsz, density)."""
+    alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
+    slots = sum(decode_caps(n, alpha, beta, cfg.sink, cfg.min_span))
+    conf = decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv)
+    return next(i for i, entry in enumerate(decode.decode_table(cfg.head_dim)) if entry[2] is conf)
+
+
 def decode_cache(bsz: int, n: int, alpha, beta, sink: int, min_span: int, head_dim: int):
     """Static cache holding exactly S_g(n) slots per head, filled as docs/internals.md places tokens."""
-    caps = [max(sink + 1, int(s)) for s in spans.span_at(n, alpha, beta, sink, min_span).tolist()]
+    caps = decode_caps(n, alpha, beta, sink, min_span)
     offsets = [sum(caps[:g]) for g in range(len(caps))]
     total = sum(caps)
     keys = torch.randn(bsz, total + 1, head_dim, device=DEV, dtype=DTYPE)
@@ -360,35 +373,35 @@ def time_decode_candidates(cfg, n: int, bsz: int, density: float, candidates, en
     """
     alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
     table = decode.decode_table(cfg.head_dim)
-    *limits, original = table[entry]
+    original = table[entry]
     timings = {}
     try:
         for candidate in candidates:
             if deadline is not None and time.time() > deadline:
                 break
             conf = decode_candidate(candidate)
-            table[entry] = (*limits, conf)
+            table[entry] = decode.with_config(original, conf)
             try:
                 ms, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
             except Exception as exc:
                 log("decode config failed", conf, repr(exc)[:200])
                 continue
-            if not decode.INTERPRETED and decode.decode_config(bsz, slots, cfg.head_dim) is not conf:
+            if not decode.INTERPRETED and decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv) is not conf:
                 raise SystemExit(f"decode shape n={n} b={bsz} is not served by entry {entry}: fix the shapes")
             timings[json.dumps(conf)] = ms
     finally:
-        table[entry] = (*limits, original)
+        table[entry] = original
     return timings
 
 
-def sweep_decode(cfg, bucket: int, n: int, bsz: int) -> dict:
-    """Time every decode candidate at (n, bsz, density 50%); install the best in the bucket."""
+def sweep_decode(cfg, n: int, bsz: int) -> dict:
+    """Time every decode candidate at (n, bsz, density 50%); install the best in the entry that serves it."""
+    bucket = decode_entry(cfg, n, bsz, 0.5)
     timings = time_decode_candidates(cfg, n, bsz, 0.5, cfg.decode_candidates, bucket)
     log(f"decode sweep n={n} b={bsz}", json.dumps(timings))
     table = decode.decode_table(cfg.head_dim)
-    *limits, original = table[bucket]
-    best = json.loads(min(timings, key=timings.get)) if timings else original
-    table[bucket] = (*limits, best)
+    best = json.loads(min(timings, key=timings.get)) if timings else table[bucket][2]
+    table[bucket] = decode.with_config(table[bucket], best)
     return {"n": n, "batch": bsz, "best": best, "ms": timings}
 
 
@@ -397,8 +410,8 @@ def sweep(cfg, stages: tuple) -> dict:
     chosen = {}
     if run_prefill in stages:
         chosen = {f"prefill_{n}": sweep_prefill(cfg, bucket, n) for bucket, n in enumerate(cfg.sweep_n)}
-    for bucket, (n, bsz) in enumerate(cfg.sweep_decode if run_decode in stages else ()):
-        chosen[f"decode_{n}x{bsz}"] = sweep_decode(cfg, bucket, n, bsz)
+    for n, bsz in cfg.sweep_decode if run_decode in stages else ():
+        chosen[f"decode_{n}x{bsz}"] = sweep_decode(cfg, n, bsz)
     log("# tables to paste into kernels/moa_prefill.py and kernels/moa_decode.py:\n" + config_tables())
     return chosen
 
@@ -409,7 +422,7 @@ def config_tables() -> str:
     lines += [f"    ({limit}, {conf})," for limit, conf in prefill.PREFILL_CONFIGS]
     for name, head_dim in (("DECODE_CONFIGS", 128), ("DECODE_CONFIGS_D64", 64)):
         lines += ["]", f"{name} = ["]
-        lines += [f"    ({rows}, {limit}, {conf})," for rows, limit, conf in decode.decode_table(head_dim)]
+        lines += [f"    {entry}," for entry in decode.decode_table(head_dim)]
     return "\n".join(lines + ["]"]).replace("2305843009213693952", "2**61").replace("4611686018427387904", "2**62")
 
 

@@ -148,7 +148,7 @@ def main() -> None:
     for n, bsz, density, conf in cases:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         cache = ba.decode_cache(bsz, n, alpha, beta, cfg.sink, cfg.min_span, cfg.head_dim)
-        conf = conf or ba.decode.decode_config(bsz, cache[0].shape[1] - 1, cfg.head_dim)
+        conf = conf or ba.decode.decode_config(bsz, cache[0].shape[1] - 1, cfg.head_dim, cfg.hkv)
         kind = "balanced" if conf.get("balanced") else "split"
         mod = mods[kind]
         query = torch.randn(bsz, cfg.hq, 1, cfg.head_dim, device="cuda", dtype=torch.bfloat16)

@@ -16,6 +16,7 @@
         (Llama-3.2-1B's heads: 32 q heads, 8 kv heads, d=64; d64small: the split kernel at one or two rows)
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x371@0.5,9216x183@0.5 wide2w step  # d=128, e2e batches
     PYTHONPATH=. python benchmarks/sweep_decode.py --heads 28,4 300 9216x424@0.5 d64 step  # Qwen2.5-7B's heads
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x384@0.25 splitbig step  # short splits, many pairs
 
 Each point is timed with the config the head size's table (DECODE_CONFIGS, or DECODE_CONFIGS_D64 at d <= 64) gives
 it now ("current") and with every candidate installed in the entry that serves it; the table itself is left
@@ -104,6 +105,11 @@ WIDE2W_CANDIDATES = [
      "segment_cost": c}
     for st, p, c in itertools.product((2, 3, 4), (3, 4, 5), (2, 4))
 ]  # fmt: skip
+# many (row, kv head) pairs at low density: the split kernel with short splits against the balanced table entry
+SPLITBIG_CANDIDATES = [
+    {"BLOCK_N": 64, "num_warps": w, "num_stages": 3, "programs_per_sm": p, "fused_merge": True, "merge_splits": 16}
+    for w, p in ((2, 8), (2, 16), (2, 32), (4, 8), (4, 16))
+]
 # head_dim 64 at one or two rows: the split kernel with 64- or 128-slot tiles and few, long splits
 D64_SMALL_CANDIDATES = [
     {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "programs_per_sm": p, "fused_merge": True, "merge_splits": 16}
@@ -114,25 +120,19 @@ E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4
                   for cap in (4096, 8192, 16384)]  # fmt: skip
 
 
-def serving_entry(bsz: int, slots: int, head_dim: int) -> int:
-    """Index of the entry of the head size's table that serves bsz rows of `slots` cache slots."""
-    conf = ba.decode.decode_config(bsz, slots, head_dim)
-    return next(i for i, entry in enumerate(ba.decode.decode_table(head_dim)) if entry[-1] is conf)
-
-
-def step_times(cfg, n: int, bsz: int, alpha, beta, slots: int, timings: dict) -> dict:
+def step_times(cfg, n: int, bsz: int, density: float, alpha, beta, slots: int, timings: dict) -> dict:
     """ms per layer in step (bench_attention's in-step timer) of the current config and the 3 fastest per call."""
-    entry = serving_entry(bsz, slots, cfg.head_dim)
+    entry = ba.decode_entry(cfg, n, bsz, density)
     table = ba.decode.decode_table(cfg.head_dim)
-    *limits, original = table[entry]
+    original = table[entry]
     read = bsz * slots * (2 * cfg.head_dim * 2 + 4)
     result = {"current": ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]}
     try:
         for name in sorted((k for k in timings if k != "current"), key=timings.get)[:3]:
-            table[entry] = (*limits, json.loads(name))
+            table[entry] = ba.decode.with_config(original, json.loads(name))
             result[name] = ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]
     finally:
-        table[entry] = (*limits, original)
+        table[entry] = original
     ba.log(f"{n}x{bsz} in step: " + json.dumps({k: round(v, 4) for k, v in result.items()}))
     return result
 
@@ -161,7 +161,7 @@ def main() -> None:
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
                       "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
-                      "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES, "wide2w": WIDE2W_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES, "wide2w": WIDE2W_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
@@ -171,7 +171,7 @@ def main() -> None:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         current, slots = ba.time_moa_decode(bsz, n, alpha, beta, cfg)
         timings = ba.time_decode_candidates(
-            cfg, n, bsz, density, candidates, serving_entry(bsz, slots, cfg.head_dim), deadline
+            cfg, n, bsz, density, candidates, ba.decode_entry(cfg, n, bsz, density), deadline
         )  # fmt: skip
         timings["current"] = current
         best = min(timings, key=timings.get)
@@ -181,7 +181,7 @@ def main() -> None:
         )  # fmt: skip
         ba.log(f"{n}x{bsz}@{density}: current {current:.4f} ms, best {timings[best]:.4f} ms {best}")
         if in_step:  # the best 3 and the current config, per layer inside one captured step
-            results[f"{n}x{bsz}@{density}"]["in_step"] = step_times(cfg, n, bsz, alpha, beta, slots, timings)
+            results[f"{n}x{bsz}@{density}"]["in_step"] = step_times(cfg, n, bsz, density, alpha, beta, slots, timings)
     out = Path(os.environ.get("OUT", "/tmp"))
     (out / "sweep_decode.json").write_text(json.dumps(results, indent=1))
 

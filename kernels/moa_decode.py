@@ -368,6 +368,14 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 DECODE_CONFIGS = [
     (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
+    # many short (row, kv head) pairs (the 4th field: at least 4096 pairs of at most 1024 slots on average; MHA at 25%,
+    # as Llama-2 / Vicuna at 2-3k tokens and a batch of 256-512): each balanced program would start 30-60 segments,
+    # and the split kernel with short splits (about one program per pair, scheduled by the hardware) was 7% faster at
+    # 3k x 256 and 23% at 2k x 512 (sweep_decode.py --heads 32,32 ... splitbig, 2026-11-25 07:4x UTC). With fewer or
+    # longer pairs the balanced kernel is as fast or faster (Llama-3-8B at 25%, 3k pairs of 1.2k slots: equal; MHA at
+    # 50%, 3k pairs of 1.5k: 2.8% faster; RESULTS.md).
+    (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8, "fused_merge": True,
+                    "merge_splits": 16}, (4096, 1024)),
     (2**62, 3 * 2**18, {"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
                         "merge_splits": 16, "segment_cost": 4}),
     (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
@@ -390,12 +398,23 @@ def decode_table(head_dim: int) -> list:
     return DECODE_CONFIGS_D64 if head_dim <= 64 else DECODE_CONFIGS
 
 
-def decode_config(bsz: int, total_slots: int, head_dim: int = 128) -> dict:
-    """Launch config of the first entry of the head size's table holding bsz rows and bsz * total_slots."""
+def decode_config(bsz: int, total_slots: int, head_dim: int = 128, num_kv_heads: int = 8) -> dict:
+    """Launch config of the first entry of the head size's table holding bsz rows and bsz * total_slots (and, for an
+    entry with a 4th field (pairs, slots), at least that many (row, kv head) pairs of at most that many slots each on
+    average)."""
     table = decode_table(head_dim)
-    work = bsz * total_slots
-    fits = (cfg for rows, limit, cfg in table if bsz <= rows and work <= limit)
-    return next(fits, table[-1][-1])
+    work, pairs = bsz * total_slots, bsz * num_kv_heads
+    for rows, limit, cfg, *short_pairs in table:
+        if short_pairs and (pairs < short_pairs[0][0] or total_slots > short_pairs[0][1] * num_kv_heads):
+            continue
+        if bsz <= rows and work <= limit:
+            return cfg
+    return table[-1][2]
+
+
+def with_config(entry: tuple, config: dict) -> tuple:
+    """A table entry with its launch config replaced (sweeps install candidates this way)."""
+    return (*entry[:2], config, *entry[3:])
 
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "split_len": 32, "fused_merge": True}
@@ -409,7 +428,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     group = num_q_heads // num_kv_heads
     total_slots = cache_keys.shape[1] - 1
     if config is None:  # the table's config, or a smaller one where this GPU cannot load it
-        table = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots, head_dim)
+        table = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots, head_dim, num_kv_heads)
         return launch_fitting(
             lambda c: _launch_decode(query, cache, q_pos, alpha, beta, scale, sink, min_span, c),
             table, (head_dim, group, query.dtype, query.device), "MoA decode",

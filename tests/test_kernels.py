@@ -474,7 +474,7 @@ def test_decode_merge_variants_and_repeated_calls(fused):
     query, cache, rule = decode_setup(plan, lengths)
     cache = (*cache[:3], cache[3].to(torch.int64), cache[4].to(torch.int64))
     q_pos = torch.stack([torch.tensor(lengths, device=DEVICE) - 1, torch.zeros(4, device=DEVICE, dtype=torch.long)], 1)
-    split = decode._INTERPRETER_CONFIG if INTERPRET else decode.DECODE_CONFIGS[0][-1]  # the split kernel
+    split = decode._INTERPRETER_CONFIG if INTERPRET else decode.DECODE_CONFIGS[0][2]  # the split kernel
     config = dict(split, fused_merge=fused)
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
     for _ in range(3):
@@ -604,9 +604,20 @@ def test_decode_table_follows_the_head_size():
     assert decode.decode_table(128) is decode.DECODE_CONFIGS and decode.decode_table(96) is decode.DECODE_CONFIGS
     for head_dim in (64, 128):
         table = decode.decode_table(head_dim)
-        assert decode.decode_config(1, 10**6, head_dim) is table[0][-1] and not table[0][-1].get("balanced")
-        assert decode.decode_config(816, 37_000, head_dim) is table[-1][-1] and table[-1][-1]["balanced"]
+        assert decode.decode_config(1, 10**6, head_dim) is table[0][2] and not table[0][2].get("balanced")
+        assert decode.decode_config(816, 37_000, head_dim) is table[-1][2] and table[-1][2]["balanced"]
     assert decode.decode_config(816, 37_000, 64) is not decode.decode_config(816, 37_000, 128)
+
+
+def test_decode_table_gives_many_short_pairs_the_split_kernel():
+    """d=128: 4096+ (row, kv head) pairs of <= 1024 slots on average take the split kernel with short splits (MHA
+    at 25%); fewer pairs, longer pairs, or one or two rows do not."""
+    short = decode.decode_config(256, 32 * 768, 128, 32)  # MHA, 3k context at 25%: 8192 pairs of 768 slots
+    assert not short.get("balanced") and short["programs_per_sm"] == 8
+    assert decode.decode_config(96, 32 * 1536, 128, 32).get("balanced")  # 3072 pairs
+    assert decode.decode_config(384, 8 * 1152, 128, 8).get("balanced")  # Llama-3-8B 4k+1k at 25%: 1152 slots a pair
+    assert decode.decode_config(2, 32 * 768, 128, 32) is decode.DECODE_CONFIGS[0][2]
+    assert decode.decode_config(512, 32 * 512, 64, 32).get("balanced")  # d=64: not measured there, no such entry
 
 
 @gpu
@@ -615,7 +626,7 @@ def test_decode_table_follows_the_head_size():
 def test_gpu_decode_every_table_config(head_dim):
     """Every launch config of the head size's table, on ragged rows and many pieces per head, against float64."""
     plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
-    for rows, _, config in decode.decode_table(head_dim):
+    for rows, _, config, *_ in decode.decode_table(head_dim):
         lengths = [6000, 3001, 5999, 7, 1500][: min(rows, 5)]
         query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, head_dim)
         q_pos = torch.tensor(lengths, device=DEVICE) - 1
