@@ -61,6 +61,9 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0),
+    # MHA, as the paper's Vicuna-7B (Llama-2-7B's shape; its 4k positions are not enforced here)
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=512, rope_theta=10000.0),
 }  # fmt: skip
