@@ -248,7 +248,7 @@ def test_decode_matches_reference(name, dtype):
     query = torch.randn(3, plan["hq"], 1, head_dim, device=DEVICE, dtype=dtype)
     rule = (alpha, beta, plan["sink"], plan["min_span"])
     out = decode.moa_decode(query, *cache, q_pos, *rule)
-    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref64 = decode_ref64(query, cache, q_pos, rule)
     hist_pos = torch.arange(max(lengths), device=DEVICE)[None].expand(3, -1)
     hist_pos = torch.where(hist_pos < q_pos[:, None] + 1, hist_pos, -1)
     full64 = reference.moa_attention_ref(
@@ -276,7 +276,7 @@ def test_decode_reads_only_the_visible_arc_of_roomy_rings(name, kernel):
     query = torch.randn(len(lengths), plan["hq"], 1, head_dim, device=DEVICE)
     rule = (alpha, beta, plan["sink"], plan["min_span"])
     out = decode_call(kernel, query, cache, q_pos, *rule)
-    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref64 = decode_ref64(query, cache, q_pos, rule)
     assert rel_err(out, ref64) < 1e-5
 
 
@@ -375,7 +375,7 @@ def test_decode_split_length_not_a_power_of_two(split_len):
     conf = {"BLOCK_N": tile, "num_warps": 1 if INTERPRET else 2, "num_stages": 1 if INTERPRET else 3,
             "split_len": split_len * tile // 16, "fused_merge": True, "merge_splits": 4}  # fmt: skip
     out = decode._launch_decode(query, cache, q_pos, alpha, beta, head_dim**-0.5, *rule[2:], conf)
-    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref64 = decode_ref64(query, cache, q_pos, rule)
     assert rel_err(out, ref64) < 1e-5
 
 
@@ -425,7 +425,7 @@ def test_gpu_decode_cuda_graph():
         captured = decode.moa_decode(query, *cache, q_pos, *rule)
     query.copy_(torch.randn_like(query))
     graph.replay()
-    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref64 = decode_ref64(query, cache, q_pos, rule)
     assert rel_err(captured, ref64) < 1e-2 and rel_err(eager, captured) > 0
 
 
@@ -462,6 +462,17 @@ def decode_setup(plan: dict, lengths: list[int], dtype=torch.float32, head_dim: 
     cache = build_cache(keys, values, lengths, caps, plan["sink"])
     query = torch.randn(len(lengths), plan["hq"], 1, head_dim, device=DEVICE, dtype=dtype)
     return query, cache, (alpha.double(), beta.double(), plan["sink"], plan["min_span"])
+
+
+def decode_ref64(query, cache, q_pos, rule):
+    """The decode contract in float64 (``moa_decode_ref``) for a ``decode_setup`` case."""
+    return decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+
+
+def prefill_ref64(query, key, value, q_pos, alpha, beta, plan: dict):
+    """The prefill contract in float64 for a fresh chunk (keys = the chunk's own tokens)."""
+    rule = (alpha.double(), beta.double(), plan["sink"], plan["min_span"])
+    return reference.moa_attention_ref(query.double(), key.double(), value.double(), q_pos, q_pos, *rule)
 
 
 @needs_interpreter
@@ -593,7 +604,7 @@ def test_gpu_decode_many_splits_graph_replays(variant):
     for _ in range(20):
         query.copy_(torch.randn_like(query))
         graph.replay()
-        ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+        ref64 = decode_ref64(query, cache, q_pos, rule)
         assert rel_err(out, ref64) < 1e-2
 
 
@@ -631,7 +642,7 @@ def test_gpu_decode_every_table_config(head_dim):
         query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, head_dim)
         q_pos = torch.tensor(lengths, device=DEVICE) - 1
         out = decode._launch_decode(query, cache, q_pos, *rule[:2], head_dim**-0.5, *rule[2:], config=config)
-        ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+        ref64 = decode_ref64(query, cache, q_pos, rule)
         assert rel_err(out, ref64) < 1e-2, config
 
 
@@ -671,7 +682,7 @@ def test_launch_configs_shrink_to_what_the_gpu_can_load(monkeypatch):
         out = decode.moa_decode(query, *cache, q_pos, *rule)
     # refused: 3 stages, 2 stages, 2 stages merging 4 splits a step, 1 stage of 32 slots; ran: 1 stage of 16
     assert fake.ran == [{"BLOCK_N": 16, "num_stages": 1}] and fake.refused == 4
-    ref = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref = decode_ref64(query, cache, q_pos, rule)
     assert rel_err(out, ref) < 1e-5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -726,7 +737,7 @@ def test_gpu_table_config_too_big_for_the_device_falls_back(monkeypatch):
     monkeypatch.setattr(decode, "DECODE_CONFIGS", [(2, 2**62, huge), *decode.DECODE_CONFIGS[1:]])
     with pytest.warns(RuntimeWarning, match="MoA decode: launch config .* needs more than this GPU has"):
         out = decode.moa_decode(query, *cache, q_pos, *rule)
-    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref64 = decode_ref64(query, cache, q_pos, rule)
     assert rel_err(out, ref64) < 1e-2
 
     alpha, beta = plan_tensors(plan)
@@ -737,17 +748,7 @@ def test_gpu_table_config_too_big_for_the_device_falls_back(monkeypatch):
     monkeypatch.setattr(prefill, "PREFILL_CONFIGS", [(2**62, wide)])
     with pytest.warns(RuntimeWarning, match="MoA prefill: launch config .* needs more than this GPU has"):
         pout = prefill.moa_prefill(pq, pk, pv, p_pos, alpha, beta, plan["sink"], plan["min_span"])
-    pref = reference.moa_attention_ref(
-        pq.double(),
-        pk.double(),
-        pv.double(),
-        p_pos,
-        p_pos,
-        alpha.double(),
-        beta.double(),
-        plan["sink"],
-        plan["min_span"],
-    )
+    pref = prefill_ref64(pq, pk, pv, p_pos, alpha, beta, plan)
     assert rel_err(pout, pref) < 1e-2
 
 
@@ -764,7 +765,7 @@ def test_gpu_head_dim_256(rows):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # whether the d=128 table fits at d=256 is the device's
         out = decode.moa_decode(query, *cache, q_pos, *rule)
-    ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos, *rule)
+    ref64 = decode_ref64(query, cache, q_pos, rule)
     assert rel_err(out, ref64) < 1e-2
     alpha, beta = plan_tensors(plan)
     pq = torch.randn(rows, 8, 2500, 256, device=DEVICE, dtype=torch.bfloat16)
@@ -773,15 +774,5 @@ def test_gpu_head_dim_256(rows):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pout = prefill.moa_prefill(pq, pk, pv, p_pos, alpha, beta, plan["sink"], plan["min_span"])
-    pref = reference.moa_attention_ref(
-        pq.double(),
-        pk.double(),
-        pv.double(),
-        p_pos,
-        p_pos,
-        alpha.double(),
-        beta.double(),
-        plan["sink"],
-        plan["min_span"],
-    )
+    pref = prefill_ref64(pq, pk, pv, p_pos, alpha, beta, plan)
     assert rel_err(pout, pref) < 1e-2
