@@ -111,10 +111,8 @@ def decode_caps(n: int, alpha, beta, sink: int, min_span: int) -> list[int]:
     return [max(sink + 1, int(s)) for s in spans.span_at(n, alpha, beta, sink, min_span).tolist()]
 
 
-def decode_entry(cfg, n: int, bsz: int, density: float) -> int:
-    """Index of the entry of the head size's decode table that serves (n, bsz, density)."""
-    alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
-    slots = sum(decode_caps(n, alpha, beta, cfg.sink, cfg.min_span))
+def decode_entry(cfg, bsz: int, slots: int) -> int:
+    """Index of the entry of the head size's decode table that serves bsz rows of ``slots`` cache slots."""
     conf = decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv)
     return next(i for i, entry in enumerate(decode.decode_table(cfg.head_dim)) if entry[2] is conf)
 
@@ -352,8 +350,8 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 
 
 def decode_candidate(candidate: tuple) -> dict:
-    """A decode launch config (an entry of DECODE_CONFIGS or DECODE_CONFIGS_D64) from (BLOCK_N, num_warps, num_stages, programs_per_sm, fused_merge, merge_splits
-    [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm
+    """A decode launch config (of DECODE_CONFIGS or DECODE_CONFIGS_D64) from (BLOCK_N, num_warps, num_stages,
+    programs_per_sm, fused_merge, merge_splits [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm
     [, segment_cost]); a dict is the config itself."""
     if isinstance(candidate, dict):
         return candidate
@@ -396,7 +394,8 @@ def time_decode_candidates(cfg, n: int, bsz: int, density: float, candidates, en
 
 def sweep_decode(cfg, n: int, bsz: int) -> dict:
     """Time every decode candidate at (n, bsz, density 50%); install the best in the entry that serves it."""
-    bucket = decode_entry(cfg, n, bsz, 0.5)
+    alpha, beta = make_plan(n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
+    bucket = decode_entry(cfg, bsz, sum(decode_caps(n, alpha, beta, cfg.sink, cfg.min_span)))
     timings = time_decode_candidates(cfg, n, bsz, 0.5, cfg.decode_candidates, bucket)
     log(f"decode sweep n={n} b={bsz}", json.dumps(timings))
     table = decode.decode_table(cfg.head_dim)

@@ -120,9 +120,9 @@ E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4
                   for cap in (4096, 8192, 16384)]  # fmt: skip
 
 
-def step_times(cfg, n: int, bsz: int, density: float, alpha, beta, slots: int, timings: dict) -> dict:
+def step_times(cfg, n: int, bsz: int, alpha, beta, slots: int, timings: dict) -> dict:
     """ms per layer in step (bench_attention's in-step timer) of the current config and the 3 fastest per call."""
-    entry = ba.decode_entry(cfg, n, bsz, density)
+    entry = ba.decode_entry(cfg, bsz, slots)
     table = ba.decode.decode_table(cfg.head_dim)
     original = table[entry]
     read = bsz * slots * (2 * cfg.head_dim * 2 + 4)
@@ -161,7 +161,8 @@ def main() -> None:
                       "balanced": BALANCED_CANDIDATES, "segcost": SEGCOST_CANDIDATES,
                       "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
-                      "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES, "wide2w": WIDE2W_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES,
+                      "wide2w": WIDE2W_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
@@ -171,7 +172,7 @@ def main() -> None:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         current, slots = ba.time_moa_decode(bsz, n, alpha, beta, cfg)
         timings = ba.time_decode_candidates(
-            cfg, n, bsz, density, candidates, ba.decode_entry(cfg, n, bsz, density), deadline
+            cfg, n, bsz, density, candidates, ba.decode_entry(cfg, bsz, slots), deadline
         )  # fmt: skip
         timings["current"] = current
         best = min(timings, key=timings.get)
@@ -181,7 +182,7 @@ def main() -> None:
         )  # fmt: skip
         ba.log(f"{n}x{bsz}@{density}: current {current:.4f} ms, best {timings[best]:.4f} ms {best}")
         if in_step:  # the best 3 and the current config, per layer inside one captured step
-            results[f"{n}x{bsz}@{density}"]["in_step"] = step_times(cfg, n, bsz, density, alpha, beta, slots, timings)
+            results[f"{n}x{bsz}@{density}"]["in_step"] = step_times(cfg, n, bsz, alpha, beta, slots, timings)
     out = Path(os.environ.get("OUT", "/tmp"))
     (out / "sweep_decode.json").write_text(json.dumps(results, indent=1))
 
