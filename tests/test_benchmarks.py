@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton")
 
 
-def run_script(args: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "MOA_BACKEND": "auto", "OUT": str(tmp_path)}
+def run_script(args: list[str], tmp_path: Path, backend: str = "auto") -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "MOA_BACKEND": backend, "OUT": str(tmp_path)}
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -68,3 +68,16 @@ def test_bench_profile_multi_tiny_stages_agree(tmp_path):
         "profile_multi.json",
         *(f"{s}.{ext}" for s in stages for ext in ("json", "log")),
     }
+
+
+def test_attn_in_model_and_attn_power_smoke(tmp_path):
+    """The two scripts that compare a step's attention calls alone, next to GEMMs and against a plain read (on the
+    torch path here: the interpreted kernels would take minutes through a whole model)."""
+    args = ["benchmarks/attn_in_model.py", "--case", "512+128:2", "--steps", "1", "--out", str(tmp_path)]
+    run_script(args, tmp_path, backend="torch")
+    result = json.loads((tmp_path / "attn_in_model.json").read_text())
+    assert result["layers"] == 2 and result["variants"]["layers"]["ms_per_layer"] > 0
+    run_script(["benchmarks/attn_power.py", "--rows", "2", "--n", "96", "--seconds", "0.01", "--rounds", "1",
+                "--configs", '[{"swap_ab": true}]', "--out", str(tmp_path)], tmp_path, backend="torch")  # fmt: skip
+    summary = json.loads((tmp_path / "attn_power.json").read_text())["summary_ms_per_layer"]
+    assert summary['attention {"swap_ab": true} + GEMMs'] > 0 and summary["read in company"] is not None
