@@ -17,6 +17,8 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x371@0.5,9216x183@0.5 wide2w step  # d=128, e2e batches
     PYTHONPATH=. python benchmarks/sweep_decode.py --heads 28,4 300 9216x424@0.5 d64 step  # Qwen2.5-7B's heads
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x384@0.25 splitbig step  # short splits, many pairs
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.5,32768x1@0.5 swap step  # each point's config with
+                                                       # the slots as the dots' M (swap_ab)
 
 Each point is timed with the config the head size's table (DECODE_CONFIGS, or DECODE_CONFIGS_D64 at d <= 64) gives
 it now ("current") and with every candidate installed in the entry that serves it; the table itself is left
@@ -115,6 +117,20 @@ D64_SMALL_CANDIDATES = [
     {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "programs_per_sm": p, "fused_merge": True, "merge_splits": 16}
     for bn, w, p in itertools.product((64, 128), (2, 4), (0.5, 1, 2))
 ]
+
+
+def swap_candidates(current: dict) -> list[dict]:
+    """The point's table config with the slots as the dots' M (``swap_ab``), and with 4 warps and 64-slot tiles
+    where it has fewer (a warpgroup: Hopper's wgmma)."""
+    out = [dict(current, swap_ab=True)]
+    if current["num_warps"] < 4 or current["BLOCK_N"] < 64:
+        wide = dict(current, swap_ab=True, num_warps=4, BLOCK_N=max(64, current["BLOCK_N"]))
+        if "segment_cost" in current:
+            wide["segment_cost"] = max(1, current["segment_cost"] * current["BLOCK_N"] // wide["BLOCK_N"])
+        out.append(wide)
+    return out
+
+
 # memory-filling batches (bench_e2e: rows x slots ~ 4M-16M): the split cap matters there too
 E2E_CANDIDATES = [(*c, True, 16, cap) for c in itertools.product((32, 64), (2, 4), (3, 4), (4, 8, 16))
                   for cap in (4096, 8192, 16384)]  # fmt: skip
@@ -162,7 +178,7 @@ def main() -> None:
                       "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
                       "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES,
-                      "wide2w": WIDE2W_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES}[sys.argv[3]]  # fmt: skip
+                      "wide2w": WIDE2W_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES, "swap": "swap"}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
@@ -171,8 +187,11 @@ def main() -> None:
     for n, bsz, density in points:
         alpha, beta = ba.make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
         current, slots = ba.time_moa_decode(bsz, n, alpha, beta, cfg)
+        point_candidates = candidates
+        if candidates == "swap":  # per point: its own config with swap_ab
+            point_candidates = swap_candidates(ba.decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv))
         timings = ba.time_decode_candidates(
-            cfg, n, bsz, density, candidates, ba.decode_entry(cfg, bsz, slots), deadline
+            cfg, n, bsz, density, point_candidates, ba.decode_entry(cfg, bsz, slots), deadline
         )  # fmt: skip
         timings["current"] = current
         best = min(timings, key=timings.get)

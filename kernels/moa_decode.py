@@ -110,32 +110,56 @@ if HAS_TRITON:
         q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
         first, stop, gap_at, gap_len, qp, lo, sm_scale_log2,
         BLOCK_G: tl.constexpr, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False,
     ):  # fmt: skip
         """Attention of q [BLOCK_G, D] over the virtual slot range [first, stop) of row b (slot v + gap_len past
-        gap_at, see _visible_part), every key masked by its position: (output, log2-domain lse), -inf if none."""
+        gap_at, see _visible_part), every key masked by its position: (output, log2-domain lse), -inf if none.
+        SWAP_AB: the same sums with the tile's slots as the dots' M (scores [BLOCK_N, BLOCK_G], output [D, BLOCK_G]
+        transposed once at the end)."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        for start in range(first, stop, BLOCK_N):
-            virtual = start + offs_n
-            ok = virtual < stop
-            slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
-            kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
-            k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
-            v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
-            visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
-            qk = tl.where(visible[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            corr = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * corr + tl.sum(p, 1)
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        if SWAP_AB:  # slots as the dots' M (scores [BLOCK_N, BLOCK_G]): the query heads pad only the dots' N
+            q_t = tl.trans(q)  # [D, BLOCK_G]
+            acc_t = tl.zeros([HEAD_DIM, BLOCK_G], dtype=tl.float32)
+            for start in range(first, stop, BLOCK_N):
+                virtual = start + offs_n
+                ok = virtual < stop
+                slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
+                kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
+                k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
+                v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
+                visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
+                qk = tl.dot(k, q_t, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_G]
+                qk = tl.where(visible[:, None], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk - m_safe[None, :])
+                corr = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * corr + tl.sum(p, 0)
+                acc_t = acc_t * corr[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+                m_i = m_new
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+            for start in range(first, stop, BLOCK_N):
+                virtual = start + offs_n
+                ok = virtual < stop
+                slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
+                kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
+                k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
+                v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
+                visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+                qk = tl.where(visible[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk - m_safe[:, None])
+                corr = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * corr + tl.sum(p, 1)
+                acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -146,7 +170,7 @@ if HAS_TRITON:
         Q, CacheK, CacheV, SlotPos, QPos, b, g, first, stop, head_first, head_end, alpha, beta,
         stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SINK: tl.constexpr, MIN_SPAN: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False,
     ):  # fmt: skip
         """Attention of row b's query heads of kv head g over the head's slots [first, stop): the row's window
         edge, the visible part of the range, then the tile loop. Returns (output, log2-domain lse)."""
@@ -161,6 +185,7 @@ if HAS_TRITON:
         return _attend_range(
             q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
             first, stop, gap_at, gap_len, qp, lo, sm_scale_log2, BLOCK_G, SINK, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            SWAP_AB,
         )  # fmt: skip
 
     @triton.jit
@@ -206,7 +231,7 @@ if HAS_TRITON:
         num_kv_heads, split_len, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-        FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False,
     ):  # fmt: skip
         w = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
@@ -226,7 +251,7 @@ if HAS_TRITON:
         out, lse = _attend_segment(
             Q, CacheK, CacheV, SlotPos, QPos, b, g_safe, first, stop, head_first, head_end, alpha, beta,
             stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos, sm_scale_log2,
-            GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION, SWAP_AB,
         )  # fmt: skip
         if FUSED_MERGE:
             _write_or_merge(
@@ -378,8 +403,13 @@ DECODE_CONFIGS = [
                     "merge_splits": 16}, (4096, 1024)),
     (2**62, 3 * 2**18, {"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
                         "merge_splits": 16, "segment_cost": 4}),
+    # swap_ab: the dots take the 64 slots of a tile as M and the group's query heads (padded to 16) as N, which a
+    # warpgroup runs as Hopper's wgmma, not as 16-row mma.sync tiles: as fast alone at Llama-3-8B's serving shapes,
+    # 3% faster with groups of 7 (Qwen2.5-7B), and drawing less power, so that a whole decode step, power-bound at
+    # the H200's 700 W next to its GEMMs, is 1-2% faster (benchmarks/attn_power.py, sweep_decode.py ... swap;
+    # 2026-11-25 RESULTS.md "Slots as the dots' M"). Slower in the 2-warp and split configs, so only here.
     (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-                    "merge_splits": 16, "segment_cost": 3}),
+                    "merge_splits": 16, "segment_cost": 3, "swap_ab": True}),
 ]  # fmt: skip
 # d <= 64 (Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2): a slot is half the bytes, and one config serves every batch above
 # two rows: 64-slot tiles (the bytes of the d=128 2-warp entry's 32), 2 warps, 4 programs per SM. The d=128 4-warp
@@ -464,7 +494,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         num_kv_heads, split_len, scale * 1.4426950408889634,
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span,
         HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], BLOCK_S=merge_splits,
-        FUSED_MERGE=fused, DOT_PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        FUSED_MERGE=fused, DOT_PRECISION=precision, SWAP_AB=bool(config.get("swap_ab")), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     if not fused:
         _, _, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)

@@ -46,7 +46,7 @@ if HAS_TRITON:
         num_kv_heads, bsz, num_programs, pieces_per_pair, sm_scale_log2,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_S: tl.constexpr, SEG_COST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_S: tl.constexpr, SEG_COST: tl.constexpr, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False,
     ):  # fmt: skip
         p = tl.program_id(0).to(tl.int64)
         # every head's (offset, capacity, alpha, beta, first unit, units per row) in one load (head_meta); rows
@@ -84,7 +84,7 @@ if HAS_TRITON:
                 out, lse = _attend_segment(
                     Q, CacheK, CacheV, SlotPos, QPos, b, g, first, stop, head_first, head_end, alpha, beta,
                     stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
-                    sm_scale_log2, GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+                    sm_scale_log2, GROUP, BLOCK_G, SINK, MIN_SPAN, HEAD_DIM, BLOCK_N, DOT_PRECISION, SWAP_AB,
                 )  # fmt: skip
                 # the programs holding this (row, head)'s tiles: a run from first_prog, found from the unit ranges
                 first_prog = (b * per_row + g_tile0) // per_prog
@@ -162,7 +162,7 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         out.stride(0), out.stride(1), num_kv_heads, bsz, programs, pieces, scale * 1.4426950408889634,
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
-        SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype),
+        SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype), SWAP_AB=bool(config.get("swap_ab")),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out

@@ -6,6 +6,7 @@ inputs; the kernel may drift from float64 by a small multiple of what torch in t
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 
@@ -65,9 +66,12 @@ BALANCED = {"balanced": True, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "n
 
 
 def decode_call(kernel: str, query, cache, q_pos, alpha, beta, sink: int, min_span: int, **config):
-    """moa_decode through the split kernel (the default config) or the balanced kernel."""
+    """moa_decode through the split kernel (the default config) or the balanced kernel ("balanced swapped": with the
+    tile's slots as the dots' M)."""
     if kernel == "split":
         return decode.moa_decode(query, *cache, q_pos, alpha, beta, sink, min_span)
+    if kernel == "balanced swapped":
+        config = dict(config, swap_ab=True)
     conf = dict(BALANCED, **config) if INTERPRET else {"balanced": True, "BLOCK_N": 64, "num_warps": 2,
                                                        "num_stages": 2, "programs_per_sm": 4, **config}  # fmt: skip
     scale = query.shape[-1] ** -0.5
@@ -260,7 +264,7 @@ def test_decode_matches_reference(name, dtype):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("kernel", ["split", "balanced"])
+@pytest.mark.parametrize("kernel", ["split", "balanced", "balanced swapped"])
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_decode_reads_only_the_visible_arc_of_roomy_rings(name, kernel):
     """Rings much longer than the window (a static cache sized for later, a grown cache's slack): rows whose
@@ -296,7 +300,7 @@ def ring_cases(cache, q_pos, lo, sink: int) -> set[str]:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("kernel", ["split", "balanced"])
+@pytest.mark.parametrize("kernel", ["split", "balanced", "balanced swapped"])
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_decode_never_reads_a_slot_it_cannot_see(name, kernel):
     """K and V of every slot the query cannot see (empty, evicted, out of the window, in the gap of a ring with
@@ -581,7 +585,9 @@ def test_decode_and_prefill_launch_no_torch_ops(monkeypatch):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("variant", ["fused", "separate merge", "balanced", "balanced, few programs"])
+@pytest.mark.parametrize(
+    "variant", ["fused", "separate merge", "balanced", "balanced, few programs", "balanced swapped, few programs"]
+)
 def test_gpu_decode_many_splits_graph_replays(variant):
     """Dozens of splits (or balanced pieces) per head race to merge: 20 graph replays with fresh queries all
     match float64."""
@@ -590,11 +596,13 @@ def test_gpu_decode_many_splits_graph_replays(variant):
     query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, 128)
     q_pos = torch.tensor(lengths, device=DEVICE) - 1
     split = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4, "merge_splits": 16}
+    few = {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "num_programs": 7}
     config = {
         "fused": dict(split, fused_merge=True),
         "separate merge": dict(split, fused_merge=False),
         "balanced": {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 2, "programs_per_sm": 4},
-        "balanced, few programs": {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "num_programs": 7},
+        "balanced, few programs": few,
+        "balanced swapped, few programs": dict(few, swap_ab=True),
     }[variant]
     call = lambda: decode._launch_decode(query, cache, q_pos, *rule[:2], 128**-0.5, *rule[2:], config=config)  # noqa: E731
     call()  # compile and cache the work list before the capture
@@ -635,11 +643,14 @@ def test_decode_table_gives_many_short_pairs_the_split_kernel():
 @needs_cuda
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_decode_every_table_config(head_dim):
-    """Every launch config of the head size's table, on ragged rows and many pieces per head, against float64."""
+    """Every launch config of the head size's table, on ragged rows and many pieces per head, in bf16 and fp16,
+    against float64."""
     plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
-    for rows, _, config, *_ in decode.decode_table(head_dim):
+    for (rows, _, config, *_), dtype in itertools.product(
+        decode.decode_table(head_dim), (torch.bfloat16, torch.float16)
+    ):
         lengths = [6000, 3001, 5999, 7, 1500][: min(rows, 5)]
-        query, cache, rule = decode_setup(plan, lengths, torch.bfloat16, head_dim)
+        query, cache, rule = decode_setup(plan, lengths, dtype, head_dim)
         q_pos = torch.tensor(lengths, device=DEVICE) - 1
         out = decode._launch_decode(query, cache, q_pos, *rule[:2], head_dim**-0.5, *rule[2:], config=config)
         ref64 = decode_ref64(query, cache, q_pos, rule)
