@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _capturing, _num_sms, _split_counters
+from .moa_decode import _capturing, _num_sms, _split_counters, swap_ab
 from .moa_tensor_cache import TensorMemo
 from .moa_window import dot_precision
 
@@ -134,7 +134,7 @@ def balanced_programs(bsz: int, total_slots: int, num_sms: int, programs_per_sm:
 def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config: dict):
     """The balanced kernel on ``moa_decode._launch_decode``'s arguments; config: BLOCK_N, num_warps, num_stages,
     programs_per_sm, merge_splits, segment_cost (tiles a program is charged per (row, head) it starts; default 0),
-    and optionally num_programs (tests)."""
+    swap_ab (``moa_decode.swap_ab``), and optionally num_programs (tests)."""
     cache_keys, cache_values, slot_pos, head_offset, head_capacity = cache
     bsz, num_q_heads, _, head_dim = query.shape
     num_kv_heads = head_capacity.numel()
@@ -162,7 +162,7 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         out.stride(0), out.stride(1), num_kv_heads, bsz, programs, pieces, scale * 1.4426950408889634,
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
-        SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype), SWAP_AB=bool(config.get("swap_ab")),
+        SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype), SWAP_AB=swap_ab(config, head_dim),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out

@@ -628,6 +628,15 @@ def test_decode_table_follows_the_head_size():
     assert decode.decode_config(816, 37_000, 64) is not decode.decode_config(816, 37_000, 128)
 
 
+def test_decode_swaps_the_dots_only_where_asked_and_at_most_d128():
+    """The d=128 4-warp entry asks for the slots as the dots' M; heads wider than 128 run the 16-row dots."""
+    entry = decode.decode_config(372, 20_000, 128)
+    assert entry["balanced"] and entry["num_warps"] == 4 and decode.swap_ab(entry, 128) and decode.swap_ab(entry, 64)
+    assert not decode.swap_ab(entry, 256)
+    assert not decode.swap_ab(decode.decode_config(16, 10_000, 128), 128)  # the 2-warp entry
+    assert not any(decode.swap_ab(conf, 64) for _, _, conf, *_ in decode.DECODE_CONFIGS_D64)
+
+
 def test_decode_table_gives_many_short_pairs_the_split_kernel():
     """d=128: 4096+ (row, kv head) pairs of <= 1024 slots on average take the split kernel with short splits (MHA
     at 25%); fewer pairs, longer pairs, or one or two rows do not."""
@@ -641,10 +650,10 @@ def test_decode_table_gives_many_short_pairs_the_split_kernel():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gpu_decode_every_table_config(head_dim):
-    """Every launch config of the head size's table, on ragged rows and many pieces per head, in bf16 and fp16,
-    against float64."""
+    """Every launch config of the head size's table (d=256 takes the d=128 one), on ragged rows and many pieces per
+    head, in bf16 and fp16, against float64."""
     plan = dict(hkv=4, hq=16, sink=64, min_span=128, alpha=[300.0, 0.0, 0.0, 5000.0], beta=[0.0, 0.9, 0.6, 0.0])
     for (rows, _, config, *_), dtype in itertools.product(
         decode.decode_table(head_dim), (torch.bfloat16, torch.float16)
