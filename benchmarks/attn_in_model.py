@@ -76,11 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    if not e2e.CUDA:  # CPU smoke test (under TRITON_INTERPRET=1 the kernels need the tests' interpreter patch)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import patch_interpreter_index
-
-        patch_interpreter_index()
+    ba.patch_interpreter()
     ctx_new, bsz = args.case.split(":")
     context, new = (int(x) for x in ctx_new.split("+"))
     bsz, mid = int(bsz), context + int(new) // 2

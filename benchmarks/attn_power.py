@@ -107,11 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    if not e2e.CUDA:  # CPU smoke test (under TRITON_INTERPRET=1 the kernels need the tests' interpreter patch)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import patch_interpreter_index
-
-        patch_interpreter_index()
+    ba.patch_interpreter()
     cfg = ba.BenchConfig() if e2e.CUDA else ba.BenchConfig.smoke()
     hidden, inter = (SHAPE["hidden_size"], SHAPE["intermediate_size"]) if e2e.CUDA else (64, 128)
     layers, caches_n = (32, 8) if e2e.CUDA else (4, 2)

@@ -42,6 +42,15 @@ def log(*parts) -> None:
     print(*parts, flush=True)  # noqa: T201 (a script, not library code)
 
 
+def patch_interpreter() -> None:
+    """Under TRITON_INTERPRET=1 (the scripts' CPU smoke runs), the tests' fix for numpy >= 2.4 against triton 3.6's
+    interpreter (tests/conftest.py)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from tests.conftest import patch_interpreter_index
+
+        patch_interpreter_index()
+
+
 def bench(fn, rep_ms: int = 100) -> float:
     """Median milliseconds of fn (CUDA events, L2 flushed between runs; host clock under the interpreter)."""
     if CUDA:
@@ -538,10 +547,7 @@ def main() -> None:
     parser.add_argument("--prefill-only", action="store_true", help="skip the decode table and its sweep")
     parser.add_argument("--flex-budget-s", type=float, default=None, help="stop timing flex after this many s")
     args = parser.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy >= 2.4 vs triton 3.6's interpreter (see tests/conftest.py)
-        from tests.conftest import patch_interpreter_index
-
-        patch_interpreter_index()
+    patch_interpreter()
     cfg = BenchConfig.smoke() if args.smoke else BenchConfig.quick() if args.quick else BenchConfig()
     if args.flex_budget_s is None:
         args.flex_budget_s = 60.0 if args.quick else 330.0

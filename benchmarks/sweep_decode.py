@@ -165,10 +165,7 @@ def main() -> None:
         del sys.argv[at : at + 2]
     points, candidates = POINTS, CANDIDATES
     if not ba.CUDA:  # CPU smoke test under TRITON_INTERPRET=1
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import patch_interpreter_index
-
-        patch_interpreter_index()
+        ba.patch_interpreter()
         cfg.hq, cfg.hkv, cfg.head_dim, cfg.sink, cfg.min_span = 8, 4, 16, 4, 8
         points, candidates = [(96, 2, 0.5)], [(16, 1, 1, 8, True, 8), (16, 1, 1, 4, True, 16)]
     deadline = time.time() + (float(sys.argv[1]) if len(sys.argv) > 1 else 240)

@@ -106,6 +106,22 @@ if HAS_TRITON:
         return head_first + v_first, head_first + v_first + n1 + n2, head_first + v_first + n1, gap_len
 
     @triton.jit
+    def _load_tile(
+        CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+        start, stop, gap_at, gap_len, qp, lo, offs_n, offs_d, SINK: tl.constexpr,
+    ):  # fmt: skip
+        """K and V [BLOCK_N, D] of the tile at virtual slot ``start`` of row b (slot v + gap_len past gap_at; nothing
+        read at or past ``stop``), and which of its keys the query at qp sees (sink, or in the window from lo)."""
+        virtual = start + offs_n
+        ok = virtual < stop
+        slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
+        kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
+        k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
+        v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
+        visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
+        return k, v, visible
+
+    @triton.jit
     def _attend_range(
         q, CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
         first, stop, gap_at, gap_len, qp, lo, sm_scale_log2,
@@ -124,13 +140,10 @@ if HAS_TRITON:
             q_t = tl.trans(q)  # [D, BLOCK_G]
             acc_t = tl.zeros([HEAD_DIM, BLOCK_G], dtype=tl.float32)
             for start in range(first, stop, BLOCK_N):
-                virtual = start + offs_n
-                ok = virtual < stop
-                slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
-                kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
-                k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
-                v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
-                visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
+                k, v, visible = _load_tile(
+                    CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+                    start, stop, gap_at, gap_len, qp, lo, offs_n, offs_d, SINK,
+                )  # fmt: skip
                 qk = tl.dot(k, q_t, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_G]
                 qk = tl.where(visible[:, None], qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 0))
@@ -144,13 +157,10 @@ if HAS_TRITON:
         else:
             acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
             for start in range(first, stop, BLOCK_N):
-                virtual = start + offs_n
-                ok = virtual < stop
-                slots = virtual + tl.where(virtual >= gap_at, gap_len, 0)
-                kp = tl.load(SlotPos + b * stride_sb + slots, mask=ok, other=-1).to(tl.int64)
-                k = tl.load(CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :], mask=ok[:, None])
-                v = tl.load(CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :], mask=ok[:, None])
-                visible = ok & (kp >= 0) & (kp <= qp) & ((kp < SINK) | (kp >= lo))  # [BLOCK_N]
+                k, v, visible = _load_tile(
+                    CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+                    start, stop, gap_at, gap_len, qp, lo, offs_n, offs_d, SINK,
+                )  # fmt: skip
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
                 qk = tl.where(visible[None, :], qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
