@@ -115,7 +115,7 @@ def main() -> None:
     alpha, beta = ba.make_plan(args.plan_n if e2e.CUDA else n, 0.5, cfg.sink, cfg.min_span, cfg.hkv)
     caches = [ba.decode_cache(rows, n, alpha, beta, cfg.sink, cfg.min_span, cfg.head_dim) for _ in range(caches_n)]
     slots = caches[0][0].shape[1] - 1
-    kv_bytes = rows * slots * (2 * cfg.head_dim * 2 + 4)  # K, V (bf16) and slot ids, as bench_e2e counts them
+    kv_bytes = ba.decode_bytes(rows, slots, cfg.head_dim)
     query = torch.randn(rows, cfg.hq, 1, cfg.head_dim, device=e2e.DEV, dtype=ba.DTYPE)  # the caches' dtype
     q_pos = torch.full((rows,), n - 1, device=e2e.DEV, dtype=torch.int64)
     rule = (alpha.to(e2e.DEV), beta.to(e2e.DEV), cfg.sink, cfg.min_span)

@@ -120,6 +120,11 @@ def decode_caps(n: int, alpha, beta, sink: int, min_span: int) -> list[int]:
     return [max(sink + 1, int(s)) for s in spans.span_at(n, alpha, beta, sink, min_span).tolist()]
 
 
+def decode_bytes(bsz: int, slots: int, head_dim: int) -> int:
+    """Bytes a decode reads over bsz rows of ``slots`` cache slots: K and V (bf16) and the int32 slot positions."""
+    return bsz * slots * (2 * head_dim * 2 + 4)
+
+
 def decode_entry(cfg, bsz: int, slots: int) -> int:
     """Index of the entry of the head size's decode table that serves bsz rows of ``slots`` cache slots."""
     conf = decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv)
@@ -208,7 +213,7 @@ def run_decode(cfg, ceil: dict, rows: list) -> None:
                 alpha, beta = make_plan(n, target, cfg.sink, cfg.min_span, cfg.hkv)
                 density = spans.kv_density(alpha, beta, n, cfg.sink, cfg.min_span)
                 t, slots = time_moa_decode(bsz, n, alpha, beta, cfg)
-                read = bsz * slots * (2 * cfg.head_dim * 2 + 4)  # K + V bf16 + slot_pos int32
+                read = decode_bytes(bsz, slots, cfg.head_dim)
                 t_step, layers = time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)
                 t_copy = time_copy(read)
                 bw = read / t / 1e6

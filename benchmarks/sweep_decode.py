@@ -141,7 +141,7 @@ def step_times(cfg, n: int, bsz: int, alpha, beta, slots: int, timings: dict) ->
     entry = ba.decode_entry(cfg, bsz, slots)
     table = ba.decode.decode_table(cfg.head_dim)
     original = table[entry]
-    read = bsz * slots * (2 * cfg.head_dim * 2 + 4)
+    read = ba.decode_bytes(bsz, slots, cfg.head_dim)
     result = {"current": ba.time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)[0]}
     try:
         for name in sorted((k for k in timings if k != "current"), key=timings.get)[:3]:
@@ -194,7 +194,7 @@ def main() -> None:
         best = min(timings, key=timings.get)
         results[f"{n}x{bsz}@{density}"] = dict(
             current=current, best=best, best_ms=timings[best], n_tried=len(timings),
-            bytes=bsz * slots * (2 * cfg.head_dim * 2 + 4), top5=sorted(timings.items(), key=lambda kv: kv[1])[:5], all=timings,
+            bytes=ba.decode_bytes(bsz, slots, cfg.head_dim), top5=sorted(timings.items(), key=lambda kv: kv[1])[:5], all=timings,
         )  # fmt: skip
         ba.log(f"{n}x{bsz}@{density}: current {current:.4f} ms, best {timings[best]:.4f} ms {best}")
         if in_step:  # the best 3 and the current config, per layer inside one captured step

@@ -240,9 +240,8 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
             (head_dim, group, query.dtype, cache is not None, query.device), "MoA prefill",
         )  # fmt: skip
     out = torch.empty_like(query)
-    cfg = config
-    pack = query_heads_per_program(cfg.get("PACK", 1), group, cfg["BLOCK_M"])
-    cfg = {**cfg, "PACK": pack}
+    pack = query_heads_per_program(config.get("PACK", 1), group, config["BLOCK_M"])
+    cfg = {**config, "PACK": pack}
     if cache is None:
         cache_k, cache_v, slot_pos, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
         ck_strides = (0, 0, 0, 0, 0)
