@@ -12,6 +12,7 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 4608x371@0.5,8192x64@0.25 retune4 step  # the 4-warp entry
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 fine step  # 16/32-slot tiles
     PYTHONPATH=. python benchmarks/sweep_decode.py 500 8192x16@0.25,8192x16@0.5 whole step  # long fixed splits
+    PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.25,8192x16@0.5 onesm step  # 1-2 programs per SM
     PYTHONPATH=. python benchmarks/sweep_decode.py --head-dim 64 500 9216x816@0.5,8192x64@0.5 d64 step  # d=64
         (Llama-3.2-1B's heads: 32 q heads, 8 kv heads, d=64; d64small: the split kernel at one or two rows)
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x371@0.5,9216x183@0.5 wide2w step  # d=128, e2e batches
@@ -81,6 +82,13 @@ FINE_CANDIDATES = [
     {"balanced": True, "BLOCK_N": bn, "num_warps": 2, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
      "segment_cost": c // bn}
     for bn, st, p, c in itertools.product((16, 32), (3, 4, 5), (4, 5, 6), (64, 128, 192))
+]  # fmt: skip
+# the balanced kernel with one or two programs per SM, more warps and deeper pipelines (never swept at 8k x 16)
+ONESM_CANDIDATES = [
+    {"balanced": True, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "programs_per_sm": p, "merge_splits": 16,
+     "segment_cost": 128 // bn}
+    for bn, w, st, p in itertools.product((32, 64), (4, 8), (4, 6), (1, 2))
+    if bn * st * 512 * p <= 200 * 1024  # K and V tiles of d=128 bf16 in flight per SM
 ]  # fmt: skip
 # the split kernel with long fixed splits (a whole short head per program, no merge for it) and deep pipelines
 WHOLE_CANDIDATES = [
@@ -175,7 +183,7 @@ def main() -> None:
                       "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
                       "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES,
-                      "wide2w": WIDE2W_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES, "swap": "swap"}[sys.argv[3]]  # fmt: skip
+                      "wide2w": WIDE2W_CANDIDATES, "onesm": ONESM_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES, "swap": "swap"}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
