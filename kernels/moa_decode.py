@@ -136,40 +136,37 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        # SLOTS: the scores' axis over the tile's slots (the accumulator holds the head's D on that axis)
+        SLOTS: tl.constexpr = 0 if SWAP_AB else 1
         if SWAP_AB:  # slots as the dots' M (scores [BLOCK_N, BLOCK_G]): the query heads pad only the dots' N
-            q_t = tl.trans(q)  # [D, BLOCK_G]
-            acc_t = tl.zeros([HEAD_DIM, BLOCK_G], dtype=tl.float32)
-            for start in range(first, stop, BLOCK_N):
-                k, v, visible = _load_tile(
-                    CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
-                    start, stop, gap_at, gap_len, qp, lo, offs_n, offs_d, SINK,
-                )  # fmt: skip
-                qk = tl.dot(k, q_t, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_G]
-                qk = tl.where(visible[:, None], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[None, :])
-                corr = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * corr + tl.sum(p, 0)
-                acc_t = acc_t * corr[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
-                m_i = m_new
-            acc = tl.trans(acc_t)
+            q_op = tl.trans(q)  # [D, BLOCK_G]
+            acc = tl.zeros([HEAD_DIM, BLOCK_G], dtype=tl.float32)
         else:
+            q_op = q
             acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-            for start in range(first, stop, BLOCK_N):
-                k, v, visible = _load_tile(
-                    CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
-                    start, stop, gap_at, gap_len, qp, lo, offs_n, offs_d, SINK,
-                )  # fmt: skip
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
-                qk = tl.where(visible[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[:, None])
-                corr = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * corr + tl.sum(p, 1)
-                acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
+        for start in range(first, stop, BLOCK_N):
+            k, v, visible = _load_tile(
+                CacheK, CacheV, SlotPos, b, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+                start, stop, gap_at, gap_len, qp, lo, offs_n, offs_d, SINK,
+            )  # fmt: skip
+            if SWAP_AB:
+                qk = tl.dot(k, q_op, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_G]
+            else:
+                qk = tl.dot(q_op, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+            qk = tl.where(tl.expand_dims(visible, 1 - SLOTS), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, SLOTS))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - tl.expand_dims(m_safe, SLOTS))
+            corr = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * corr + tl.sum(p, SLOTS)
+            acc = acc * tl.expand_dims(corr, SLOTS)
+            if SWAP_AB:
+                acc += tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)  # [D, BLOCK_G]
+            else:
+                acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_G, D]
+            m_i = m_new
+        if SWAP_AB:
+            acc = tl.trans(acc)
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton")
 
 
-def run_script(args: list[str], tmp_path: Path, backend: str = "auto") -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "MOA_BACKEND": backend, "OUT": str(tmp_path)}
+def run_script(args: list[str], tmp_path: Path, backend: str = "auto", interpret: bool = True) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1" if interpret else "0", "MOA_BACKEND": backend,
+           "OUT": str(tmp_path)}  # fmt: skip
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -81,3 +82,15 @@ def test_attn_in_model_and_attn_power_smoke(tmp_path):
                 "--configs", '[{"swap_ab": true}]', "--out", str(tmp_path)], tmp_path, backend="torch")  # fmt: skip
     summary = json.loads((tmp_path / "attn_power.json").read_text())["summary_ms_per_layer"]
     assert summary['attention {"swap_ab": true} + GEMMs'] > 0 and summary["read in company"] is not None
+
+
+def test_kernel_ptx_compiles_the_decode_kernels_for_hopper(tmp_path):
+    """kernel_ptx.py compiles (no GPU needed) the d=128 decode entries for sm_90: the swapped 4-warp entry's dots are
+    Hopper's wgmma and the others' are mma.sync, as docs/internals.md says."""
+    run_script(["benchmarks/kernel_ptx.py", str(tmp_path)], tmp_path, interpret=False)
+    ptx = {p.name: p.read_text() for p in tmp_path.glob("*.ptx")}
+    assert len(ptx) == 4, sorted(ptx)
+    for name, text in ptx.items():
+        swapped = "SWAP_AB=True" in name
+        assert ("wgmma.mma_async" in text) == swapped, name
+        assert ("mma.sync" in text) != swapped, name
