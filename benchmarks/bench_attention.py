@@ -149,11 +149,15 @@ def decode_cache(bsz: int, n: int, alpha, beta, sink: int, min_span: int, head_d
 
 
 STEP_BYTES = 512e6  # in-step timing: enough layers that one replay reads ~10x the 50 MB L2
+MIN_STEP_LAYERS = 4  # and at least this many, so one replay's own cost (~4.6 us) is shared by layers as in a model
+STEP_MEMORY = 24e9  # unless their tensors would pass this (the largest shapes, where a layer takes milliseconds)
 
 
 def step_layers(bytes_per_layer: float) -> int:
-    """Layers to chain in one graph for the in-step timing (1..32, like a 32-layer model's decode step)."""
-    return int(min(32, max(1, -(-STEP_BYTES // bytes_per_layer))))
+    """Layers to chain in one graph for the in-step timing, MoA and dense alike: enough to read STEP_BYTES, at least
+    MIN_STEP_LAYERS, at most 32 (a 32-layer model's decode step) and what fits in STEP_MEMORY (at least one)."""
+    want = max(MIN_STEP_LAYERS, -(-STEP_BYTES // bytes_per_layer))
+    return int(max(1, min(32, want, STEP_MEMORY // bytes_per_layer)))
 
 
 def per_layer_in_step(fns) -> float:
