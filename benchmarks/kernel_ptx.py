@@ -2,11 +2,14 @@
 
     PYTHONPATH=. python benchmarks/kernel_ptx.py             # one line per kernel and config: md5 of the code, lines
     PYTHONPATH=. python benchmarks/kernel_ptx.py /tmp/ptx    # also write each kernel's PTX there
+    PYTHONPATH=. python benchmarks/kernel_ptx.py --shared-memory   # every decode table config's shared memory at
+                                            # d=64/128/256; exit 1 if one needs more than Hopper's 227 KB
 
 A refactor of kernel source that leaves these hashes unchanged compiles to the same code (the debug sections, which
 carry source line numbers, are left out of the hash), so it needs no new timing on the GPU. Triton's bundled LLVM
 makes the PTX; no CUDA device or driver is used. The argument types are those of a bf16 Llama-3-8B decode (32 query
-heads, 8 kv heads); the configs are the d=128 table's entries of both kernels, with and without ``swap_ab``.
+heads, 8 kv heads); the configs are the d=128 table's split and balanced entries (``DECODE_CONFIGS``), and the 4-warp
+balanced entry without ``swap_ab``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,18 @@ POINTER_TYPES = {"Q": "*bf16", "CacheK": "*bf16", "CacheV": "*bf16", "Out": "*bf
 COMMON = dict(GROUP=4, BLOCK_G=16, MERGE_G=4, SINK=64, MIN_SPAN=128, HEAD_DIM=128, BLOCK_S=16, DOT_PRECISION="tf32")
 
 
-def signature(fn, constexprs: dict) -> dict:
-    """Triton types of fn's arguments: pointers by name (int64 for the tables), int64 strides, int32 counts."""
-    sig = {}
-    for name in fn.arg_names:
+# what a launch specialises, as Triton's launcher does for a bf16 Llama-3-8B decode: every pointer is 16-byte aligned,
+# these strides are multiples of 16 (head size 128), and the query positions' stride is 1
+STRIDES_OF_16 = {"stride_qb", "stride_qh", "stride_ckb", "stride_ckn", "stride_cvb", "stride_cvn", "stride_pb",
+                 "stride_pw", "stride_pg", "stride_ob", "stride_oh"}  # fmt: skip
+ONE = {"stride_qpos": 1}
+
+
+def signature(fn, constexprs: dict) -> tuple[dict, dict]:
+    """Triton types of fn's arguments (pointers by name, int64 for the tables; int64 strides; int32 counts) and the
+    16-divisibility attributes of the aligned pointers and strides."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name[0].isupper():
@@ -40,7 +51,9 @@ def signature(fn, constexprs: dict) -> dict:
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name.startswith("stride") else "i32"
-    return sig
+        if name[0].isupper() or name in STRIDES_OF_16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
 
 
 def code_of(ptx: str) -> str:
@@ -49,20 +62,61 @@ def code_of(ptx: str) -> str:
     return "\n".join(ln for ln in code.splitlines() if not ln.strip().startswith((".loc", ".file", "//")))
 
 
-def main() -> None:
+def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int):
+    """fn compiled for sm_90 (Triton's CompiledKernel: ``asm["ptx"]``, ``metadata.shared`` bytes), no GPU needed."""
+    constexprs = {**{k: v for k, v in ONE.items() if k in fn.arg_names}, **constexprs}
+    sig, attrs = signature(fn, constexprs)
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def decode_kernel_of(config: dict, head_dim: int):
+    """(kernel, constexprs) that a decode table config launches at this head size (Llama-3-8B's group of 4)."""
     decode = remote_module("moa_decode")
-    balanced = remote_module("moa_decode_balanced")
+    constexprs = dict(COMMON, HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], BLOCK_S=config.get("merge_splits", 16),
+                      SWAP_AB=decode.swap_ab(config, head_dim))  # fmt: skip
+    if config.get("balanced"):
+        balanced = remote_module("moa_decode_balanced")
+        return balanced._moa_decode_balanced, dict(constexprs, BLOCK_H=8, SEG_COST=config.get("segment_cost", 0))
+    return decode._moa_decode_split, dict(constexprs, FUSED_MERGE=config.get("fused_merge", True))
+
+
+HOPPER_SMEM = 232448  # bytes of shared memory one program may use on an H100 / H200 (227 KB)
+
+
+def check_shared_memory() -> int:
+    """Every decode table config at d=64, 128 and 256, compiled for sm_90: its shared memory, and 1 if one needs more
+    than a Hopper GPU has (the table would then launch a smaller config than it says, with a warning, on the GPU)."""
+    decode = remote_module("moa_decode")
+    too_big = 0
+    for head_dim in (64, 128, 256):
+        for entry in decode.decode_table(head_dim):
+            config = entry[2]
+            fn, constexprs = decode_kernel_of(config, head_dim)
+            kernel = compile_for_hopper(fn, constexprs, config["num_warps"], config["num_stages"])
+            shared = kernel.metadata.shared
+            too_big += shared > HOPPER_SMEM
+            flag = "TOO BIG" if shared > HOPPER_SMEM else ("> 99 KB" if shared > 99 * 1024 else "")
+            print(f"d={head_dim:3d} {shared:7d} B shared {flag:8s} {config}", flush=True)
+    return int(too_big > 0)
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--shared-memory"]:
+        raise SystemExit(check_shared_memory())
+    decode = remote_module("moa_decode")
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    cases = [
-        (balanced._moa_decode_balanced, dict(BLOCK_N=32, BLOCK_H=8, SEG_COST=4, SWAP_AB=False), 2, 3),
-        (balanced._moa_decode_balanced, dict(BLOCK_N=64, BLOCK_H=8, SEG_COST=3, SWAP_AB=True), 4, 3),
-        (balanced._moa_decode_balanced, dict(BLOCK_N=64, BLOCK_H=8, SEG_COST=3, SWAP_AB=False), 4, 3),
-        (decode._moa_decode_split, dict(BLOCK_N=64, FUSED_MERGE=True, SWAP_AB=False), 2, 3),
-    ]
-    for fn, extra, warps, stages in cases:
-        constexprs = dict(COMMON, **extra)
-        src = ASTSource(fn, signature(fn, constexprs), constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    cases = []
+    for entry in decode.DECODE_CONFIGS[:1] + decode.DECODE_CONFIGS[2:]:  # the d=128 split and balanced entries
+        fn, constexprs = decode_kernel_of(entry[2], 128)
+        cases.append((fn, constexprs, entry[2]["num_warps"], entry[2]["num_stages"]))
+    balanced4 = dict(decode.DECODE_CONFIGS[-1][2], swap_ab=False)  # the 4-warp entry without swap_ab, for comparison
+    fn, constexprs = decode_kernel_of(balanced4, 128)
+    cases.append((fn, constexprs, balanced4["num_warps"], balanced4["num_stages"]))
+    for fn, constexprs, warps, stages in cases:
+        extra = {k: v for k, v in constexprs.items() if k in ("BLOCK_N", "SEG_COST", "SWAP_AB", "FUSED_MERGE")}
+        kernel = compile_for_hopper(fn, constexprs, warps, stages)
         code = code_of(kernel.asm["ptx"])
         name = f"{fn.__name__} {' '.join(f'{k}={v}' for k, v in extra.items())} warps={warps} stages={stages}"
         print(f"{hashlib.md5(code.encode()).hexdigest()[:12]}  {len(code.splitlines()):5d} lines  {name}", flush=True)

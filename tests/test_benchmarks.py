@@ -94,3 +94,9 @@ def test_kernel_ptx_compiles_the_decode_kernels_for_hopper(tmp_path):
         swapped = "SWAP_AB=True" in name
         assert ("wgmma.mma_async" in text) == swapped, name
         assert ("mma.sync" in text) != swapped, name
+
+
+def test_decode_table_configs_fit_hopper_shared_memory(tmp_path):
+    """Every decode table config at d=64, 128 and 256, compiled for sm_90 as a launch specialises it, fits in the 227 KB
+    of shared memory an H100 / H200 program may use (a config over it would launch smaller than the table says)."""
+    run_script(["benchmarks/kernel_ptx.py", "--shared-memory"], tmp_path, interpret=False)
