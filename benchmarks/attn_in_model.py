@@ -129,9 +129,9 @@ def main() -> None:
     variants.clear()
     del loop
     e2e.cleanup()
+    ba.MIN_STEP_LAYERS = 1  # exactly the layer counts below
     for n_layers in (1, 8) if e2e.CUDA else ():  # CPU smoke: none (interpreted kernels take seconds a call)
         ba.STEP_BYTES = n_layers * kv_bytes // layers  # step_layers() then chains n_layers caches
-        ba.MIN_STEP_LAYERS = 1
         ms, _ = ba.time_moa_decode_in_step(bsz, mid, alpha, beta, cfg, kv_bytes // layers)
         result["variants"][f"standalone, {n_layers} cache(s)"] = dict(ms_per_layer=round(ms, 4))
         e2e.cleanup()

@@ -8,8 +8,8 @@
 A refactor of kernel source that leaves these hashes unchanged compiles to the same code (the debug sections, which
 carry source line numbers, are left out of the hash), so it needs no new timing on the GPU. Triton's bundled LLVM
 makes the PTX; no CUDA device or driver is used. The argument types are those of a bf16 Llama-3-8B decode (32 query
-heads, 8 kv heads); the configs are the d=128 table's split and balanced entries (``DECODE_CONFIGS``), and the 4-warp
-balanced entry without ``swap_ab``.
+heads, 8 kv heads); the configs are the d=128 table's entries (``DECODE_CONFIGS``), and its 4-warp balanced entry
+without ``swap_ab``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from moa_hub.remote import remote_module  # noqa: E402
 
 POINTER_TYPES = {"Q": "*bf16", "CacheK": "*bf16", "CacheV": "*bf16", "Out": "*bf16", "PartO": "*fp32",
                  "PartLse": "*fp32", "SlotPos": "*i32", "Counter": "*i32"}  # fmt: skip
-COMMON = dict(GROUP=4, BLOCK_G=16, MERGE_G=4, SINK=64, MIN_SPAN=128, HEAD_DIM=128, BLOCK_S=16, DOT_PRECISION="tf32")
+COMMON = dict(GROUP=4, BLOCK_G=16, MERGE_G=4, SINK=64, MIN_SPAN=128, BLOCK_S=16, DOT_PRECISION="tf32")
+HOPPER_SMEM = 232448  # bytes of shared memory one program may use on an H100 / H200 (227 KB)
 
 
 # what a launch specialises, as Triton's launcher does for a bf16 Llama-3-8B decode: every pointer is 16-byte aligned,
@@ -82,9 +83,6 @@ def decode_kernel_of(config: dict, head_dim: int):
     return decode._moa_decode_split, dict(constexprs, FUSED_MERGE=config.get("fused_merge", True))
 
 
-HOPPER_SMEM = 232448  # bytes of shared memory one program may use on an H100 / H200 (227 KB)
-
-
 def check_shared_memory() -> int:
     """Every decode table config at d=64, 128 and 256, compiled for sm_90: its shared memory, and 1 if one needs more
     than a Hopper GPU has (the table would then launch a smaller config than it says, with a warning, on the GPU)."""
@@ -108,7 +106,7 @@ def main() -> None:
     decode = remote_module("moa_decode")
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     cases = []
-    for entry in decode.DECODE_CONFIGS[:1] + decode.DECODE_CONFIGS[2:]:  # the d=128 split and balanced entries
+    for entry in decode.DECODE_CONFIGS:
         fn, constexprs = decode_kernel_of(entry[2], 128)
         cases.append((fn, constexprs, entry[2]["num_warps"], entry[2]["num_stages"]))
     balanced4 = dict(decode.DECODE_CONFIGS[-1][2], swap_ab=False)  # the 4-warp entry without swap_ab, for comparison

@@ -89,7 +89,7 @@ def test_kernel_ptx_compiles_the_decode_kernels_for_hopper(tmp_path):
     Hopper's wgmma and the others' are mma.sync, as docs/internals.md says."""
     run_script(["benchmarks/kernel_ptx.py", str(tmp_path)], tmp_path, interpret=False)
     ptx = {p.name: p.read_text() for p in tmp_path.glob("*.ptx")}
-    assert len(ptx) == 4, sorted(ptx)
+    assert len(ptx) == 5 and sum("SWAP_AB=True" in name for name in ptx) == 1, sorted(ptx)  # 4 entries + 1 unswapped
     for name, text in ptx.items():
         swapped = "SWAP_AB=True" in name
         assert ("wgmma.mma_async" in text) == swapped, name
