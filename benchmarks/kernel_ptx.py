@@ -7,7 +7,9 @@
 
 A refactor of kernel source that leaves these hashes unchanged compiles to the same code (the debug sections, which
 carry source line numbers, are left out of the hash), so it needs no new timing on the GPU. Triton's bundled LLVM
-makes the PTX; no CUDA device or driver is used. The argument types are those of a bf16 Llama-3-8B decode (32 query
+makes the PTX; no CUDA device or driver is used. The arguments are specialised as Triton's launcher does it (see
+MULTIPLES_OF_16): on the H200 (2026-11-25) the hashes of the split and both balanced d=128 kernels equal those of the
+kernels a launch compiled there. The argument types are those of a bf16 Llama-3-8B decode (32 query
 heads, 8 kv heads); the configs are the d=128 table's entries (``DECODE_CONFIGS``), and its 4-warp balanced entry
 without ``swap_ab``.
 """
@@ -32,16 +34,17 @@ COMMON = dict(GROUP=4, BLOCK_G=16, MERGE_G=4, SINK=64, MIN_SPAN=128, BLOCK_S=16,
 HOPPER_SMEM = 232448  # bytes of shared memory one program may use on an H100 / H200 (227 KB)
 
 
-# what a launch specialises, as Triton's launcher does for a bf16 Llama-3-8B decode: every pointer is 16-byte aligned,
-# these strides are multiples of 16 (head size 128), and the query positions' stride is 1
-STRIDES_OF_16 = {"stride_qb", "stride_qh", "stride_ckb", "stride_ckn", "stride_cvb", "stride_cvn", "stride_pb",
-                 "stride_pw", "stride_pg", "stride_ob", "stride_oh"}  # fmt: skip
+# what Triton's launcher specialises in a bf16 Llama-3-8B decode on an H200 (read from its kernel cache, 2026-11-25):
+# int32 integers; every pointer 16-byte aligned; these integers multiples of 16 (strides of 128-wide heads, 4 x 132
+# programs, split lengths); the query positions' stride 1
+MULTIPLES_OF_16 = {"stride_qb", "stride_qh", "stride_ckb", "stride_ckn", "stride_cvb", "stride_cvn", "stride_pb",
+                   "stride_pw", "stride_pg", "stride_lb", "stride_ob", "stride_oh", "num_programs", "split_len"}  # fmt: skip
 ONE = {"stride_qpos": 1}
 
 
 def signature(fn, constexprs: dict) -> tuple[dict, dict]:
-    """Triton types of fn's arguments (pointers by name, int64 for the tables; int64 strides; int32 counts) and the
-    16-divisibility attributes of the aligned pointers and strides."""
+    """Triton types of fn's arguments (pointers by name, int64 for the tables; int32 integers) and the 16-divisibility
+    attributes of the aligned pointers and of MULTIPLES_OF_16."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -51,8 +54,8 @@ def signature(fn, constexprs: dict) -> tuple[dict, dict]:
         elif name == "sm_scale_log2":
             sig[name] = "fp32"
         else:
-            sig[name] = "i64" if name.startswith("stride") else "i32"
-        if name[0].isupper() or name in STRIDES_OF_16:
+            sig[name] = "i32"
+        if name[0].isupper() or name in MULTIPLES_OF_16:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
