@@ -9,7 +9,8 @@ A refactor of kernel source that leaves these hashes unchanged compiles to the s
 carry source line numbers, are left out of the hash), so it needs no new timing on the GPU. Triton's bundled LLVM
 makes the PTX; no CUDA device or driver is used. The arguments are specialised as Triton's launcher does it (see
 MULTIPLES_OF_16): on the H200 (2026-11-25) the hashes of the split and both balanced d=128 kernels equal those of the
-kernels a launch compiled there. The argument types are those of a bf16 Llama-3-8B decode (32 query
+kernels a launch compiled there. The code, and so the hashes, depend on the Triton version (the GPU image has 3.6;
+a fresh install may get a newer one): compare hashes made with one version. The argument types are those of a bf16 Llama-3-8B decode (32 query
 heads, 8 kv heads); the configs are the d=128 table's entries (``DECODE_CONFIGS``), and its 4-warp balanced entry
 without ``swap_ab``.
 """
@@ -55,7 +56,7 @@ def signature(fn, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        if name[0].isupper() or name in MULTIPLES_OF_16:
+        if sig[name] != "constexpr" and (name[0].isupper() or name in MULTIPLES_OF_16):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
