@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -31,7 +32,6 @@ from moa_hub.remote import remote_module  # noqa: E402
 
 POINTER_TYPES = {"Q": "*bf16", "CacheK": "*bf16", "CacheV": "*bf16", "Out": "*bf16", "PartO": "*fp32",
                  "PartLse": "*fp32", "SlotPos": "*i32", "Counter": "*i32"}  # fmt: skip
-COMMON = dict(GROUP=4, BLOCK_G=16, MERGE_G=4, SINK=64, MIN_SPAN=128, BLOCK_S=16, DOT_PRECISION="tf32")
 HOPPER_SMEM = 232448  # bytes of shared memory one program may use on an H100 / H200 (227 KB)
 
 
@@ -77,14 +77,13 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int):
 
 
 def decode_kernel_of(config: dict, head_dim: int):
-    """(kernel, constexprs) that a decode table config launches at this head size (Llama-3-8B's group of 4)."""
+    """(kernel, constexprs) that a decode table config launches at this head size, with Llama-3-8B's group of 4 and
+    8 kv heads in bf16 (``moa_decode.decode_constexprs``, which the launches use)."""
     decode = remote_module("moa_decode")
-    constexprs = dict(COMMON, HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], BLOCK_S=config.get("merge_splits", 16),
-                      SWAP_AB=decode.swap_ab(config, head_dim))  # fmt: skip
+    constexprs = decode.decode_constexprs(config, 4, head_dim, 8, 64, 128, torch.bfloat16)
     if config.get("balanced"):
-        balanced = remote_module("moa_decode_balanced")
-        return balanced._moa_decode_balanced, dict(constexprs, BLOCK_H=8, SEG_COST=config.get("segment_cost", 0))
-    return decode._moa_decode_split, dict(constexprs, FUSED_MERGE=config.get("fused_merge", True))
+        return remote_module("moa_decode_balanced")._moa_decode_balanced, constexprs
+    return decode._moa_decode_split, constexprs
 
 
 def check_shared_memory() -> int:

@@ -456,6 +456,25 @@ def swap_ab(config: dict, head_dim: int) -> bool:
     return bool(config.get("swap_ab")) and head_dim <= 128
 
 
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def decode_constexprs(config: dict, group: int, head_dim: int, num_kv_heads: int, sink: int, min_span: int, dtype):
+    """The compile-time arguments a decode launch gives its kernel (balanced or split, as the config says): with the
+    config's warps and stages, what decides the compiled code (``benchmarks/kernel_ptx.py`` compiles the same)."""
+    merge_g = _pow2_at_least(group)
+    common = dict(
+        GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
+        BLOCK_N=config["BLOCK_N"], DOT_PRECISION=dot_precision(dtype), SWAP_AB=swap_ab(config, head_dim),
+    )  # fmt: skip
+    if config.get("balanced"):
+        return dict(common, BLOCK_H=_pow2_at_least(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
+                    SEG_COST=int(config.get("segment_cost", 0)))  # fmt: skip
+    # BLOCK_S: splits merged per step, [BLOCK_S, group, D] fp32 at once
+    return dict(common, BLOCK_S=config.get("merge_splits", 8), FUSED_MERGE=bool(config["fused_merge"]))
+
+
 def with_config(entry: tuple, config: dict) -> tuple:
     """A table entry with its launch config replaced (sweeps install candidates this way)."""
     return (*entry[:2], config, *entry[3:])
@@ -492,13 +511,11 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     part_o = torch.empty(bsz, num_items, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_items, group, device=query.device, dtype=torch.float32)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
-    fused = bool(config["fused_merge"])
+    constexprs = decode_constexprs(config, group, head_dim, num_kv_heads, sink, min_span, query.dtype)
+    fused = constexprs["FUSED_MERGE"]
     counters = _split_counters(query.device, bsz * num_kv_heads) if fused else part_lse  # unused when not fused
     q = query[:, :, 0]  # [B, Hq, D]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    precision = dot_precision(query.dtype)
-    merge_g = triton.next_power_of_2(group)
-    merge_splits = config.get("merge_splits", 8)  # splits merged per step: [merge_splits, group, D] fp32 at once
     part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     _moa_decode_split[(num_items, bsz)](
         q, cache_keys, cache_values, slot_pos, items, q_pos, part_o, part_lse, counters, out,
@@ -506,16 +523,13 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0), q_pos.stride(0),
         *part_strides, out.stride(0), out.stride(1),
         num_kv_heads, split_len, scale * 1.4426950408889634,
-        GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span,
-        HEAD_DIM=head_dim, BLOCK_N=config["BLOCK_N"], BLOCK_S=merge_splits,
-        FUSED_MERGE=fused, DOT_PRECISION=precision, SWAP_AB=swap_ab(config, head_dim),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     if not fused:
         _, _, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
         _moa_decode_merge[(num_kv_heads, bsz)](
             part_o, part_lse, work_start, work_count, out, *part_strides, out.stride(0), out.stride(1),
-            GROUP=group, MERGE_G=merge_g, HEAD_DIM=head_dim, BLOCK_S=merge_splits,
+            GROUP=group, MERGE_G=constexprs["MERGE_G"], HEAD_DIM=head_dim, BLOCK_S=constexprs["BLOCK_S"],
             num_warps=1 if INTERPRETED else 4,
         )  # fmt: skip
     return out

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _capturing, _num_sms, _split_counters, swap_ab
+from .moa_decode import _capturing, _num_sms, _split_counters, decode_constexprs
 from .moa_tensor_cache import TensorMemo
-from .moa_window import dot_precision
 
 try:
     import triton
@@ -145,24 +144,20 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], block_n
     )
     pieces = pieces_bound(programs, bsz)
-    seg_cost = int(config.get("segment_cost", 0))
-    meta = _cached_meta(head_offset, head_capacity, alpha, beta, block_n, seg_cost)
+    constexprs = decode_constexprs(config, group, head_dim, num_kv_heads, sink, min_span, query.dtype)
+    meta = _cached_meta(head_offset, head_capacity, alpha, beta, block_n, constexprs["SEG_COST"])
     part_o = torch.empty(bsz, num_kv_heads * pieces, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_kv_heads * pieces, group, device=query.device, dtype=torch.float32)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
     counters = _split_counters(query.device, bsz * num_kv_heads)
     q = query[:, :, 0]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    merge_g = triton.next_power_of_2(group)
     _moa_decode_balanced[(programs,)](
         q, cache_keys, cache_values, slot_pos, meta, q_pos, part_o, part_lse, counters, out,
         q.stride(0), q.stride(1), cache_keys.stride(0), cache_keys.stride(1),
         cache_values.stride(0), cache_values.stride(1), slot_pos.stride(0), q_pos.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), num_kv_heads, bsz, programs, pieces, scale * 1.4426950408889634,
-        GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
-        BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),
-        SEG_COST=seg_cost, DOT_PRECISION=dot_precision(query.dtype), SWAP_AB=swap_ab(config, head_dim),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out
