@@ -220,13 +220,17 @@ def run_decode(cfg, ceil: dict, rows: list) -> None:
                 read = decode_bytes(bsz, slots, cfg.head_dim)
                 t_step, layers = time_moa_decode_in_step(bsz, n, alpha, beta, cfg, read)
                 t_copy = time_copy(read)
+                # dense over the same K/V bytes: SDPA at this batch with every kv head as long as MoA's mean head
+                n_equal = max(1, round(slots / cfg.hkv))
+                t_equal, t_equal_step, _ = time_dense_decode(bsz, n_equal, cfg)
                 bw = read / t / 1e6
                 row = dict(kind="decode", n=n, batch=bsz, density=round(density, 4), moa_ms=t, dense_ms=t_dense,
                            ratio=t / t_dense, target_ratio=1.25 * density, bytes=read, GBps=bw,
                            pct_copy=100 * bw / ceil["copy_GBps"], step_layers=layers, moa_step_ms=t_step,
                            dense_step_layers=dense_layers, dense_step_ms=t_dense_step, step_ratio=t_step / t_dense_step,
                            step_pct_copy=100 * read / t_step / 1e6 / ceil["copy_GBps"], copy_same_ms=t_copy,
-                           copy_same_pct=100 * 2 * read / t_copy / 1e6 / ceil["copy_GBps"])  # fmt: skip
+                           copy_same_pct=100 * 2 * read / t_copy / 1e6 / ceil["copy_GBps"], dense_equal_n=n_equal,
+                           dense_equal_ms=t_equal, dense_equal_step_ms=t_equal_step)  # fmt: skip
                 rows.append(row)
                 log(json.dumps(row))
 
@@ -506,18 +510,22 @@ def markdown(rows: list, ceil: dict) -> str:
     lines = ["### Decode (one token per row; dense = SDPA flash over the full cache)", "",
              "One call: CUDA-graph replay of one kernel, L2 flushed before it. In step: the per-layer time of `layers` "
              "layers (own caches) replayed back to back in one graph, as in a captured decode step. Same-size copy: a "
-             "device copy of the bytes read, as % of the large-copy bandwidth.", "",
+             "device copy of the bytes read, as % of the large-copy bandwidth. Dense at equal bytes: SDPA flash at the same "
+             "batch over a cache as long as MoA's mean head (the same K/V bytes, every head equal).", "",
              "| context | batch | KV density | MoA ms | dense ms | time ratio | target <= 1.25 x density "
              "| bytes read (MB) | % of copy BW (target >= 80) | layers | in step: MoA ms | dense ms | time ratio "
-             "| % of copy BW | same-size copy, % |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| % of copy BW | same-size copy, % | dense at equal bytes: context | ms | in step ms | MoA / it, in step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- |"]  # fmt: skip
     for r in (r for r in rows if r["kind"] == "decode"):
         ok = "yes" if r["ratio"] <= r["target_ratio"] else "NO"
         ok_step = "yes" if r["step_ratio"] <= r["target_ratio"] else "NO"
         lines.append(f"| {r['n']} | {r['batch']} | {r['density']:.3f} | {r['moa_ms']:.4f} | {r['dense_ms']:.4f} "
                      f"| {r['ratio']:.3f} | {r['target_ratio']:.3f} ({ok}) | {r['bytes'] / 1e6:.1f} "
                      f"| {r['pct_copy']:.1f} | {r['step_layers']} | {r['moa_step_ms']:.4f} | {r['dense_step_ms']:.4f} "
-                     f"| {r['step_ratio']:.3f} ({ok_step}) | {r['step_pct_copy']:.1f} | {r['copy_same_pct']:.1f} |")  # fmt: skip
+                     f"| {r['step_ratio']:.3f} ({ok_step}) | {r['step_pct_copy']:.1f} | {r['copy_same_pct']:.1f} "
+                     f"| {r['dense_equal_n']} | {r['dense_equal_ms']:.4f} | {r['dense_equal_step_ms']:.4f} "
+                     f"| {r['moa_step_ms'] / r['dense_equal_step_ms']:.3f} |")  # fmt: skip
     lines += ["", "### Prefill (B=1; dense = SDPA FlashAttention causal; flex = compiled FlexAttention, same mask)", "",
               "| N | KV density | f (kept fraction) | MoA ms | flash ms | ratio | target <= 1.2 f (N >= 16k) "
               "| flex ms | flex mask ms | MoA / flash ms, graph replay | TFLOP/s | % of roofline |",
