@@ -4,7 +4,8 @@
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke --out /tmp/b   # CPU smoke test
 
 Measures in one run: device-to-device copy bandwidth, bf16 matmul rate, then
-- decode: MoA kernel (CUDA graph replays) vs dense SDPA flash decode, bytes actually read, % of copy bandwidth;
+- decode: MoA kernel (CUDA graph replays) vs dense SDPA flash decode, bytes actually read, % of copy bandwidth, and
+  dense SDPA over the same bytes (every head as long as MoA's mean head: what flash decode gets from them);
 - prefill: MoA kernel vs SDPA FlashAttention dense causal and vs compiled FlexAttention with the same block mask
   (mask creation timed separately), with a roofline column (FLOPs and bytes the kernel must do).
 Plans are heterogeneous: 2 local heads (beta 0) and 6 long heads (alpha 0, beta spread), scaled to a target
