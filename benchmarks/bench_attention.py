@@ -204,7 +204,9 @@ def time_moa_decode_in_step(bsz: int, n: int, alpha, beta, cfg, bytes_per_layer:
 
 
 def time_copy(nbytes: int) -> float:
-    """ms of a device-to-device copy of nbytes (graph replay, L2 flushed): what any kernel moving that much costs."""
+    """ms of a device-to-device copy of nbytes (graph replay, L2 flushed). The graph's memcpy node is the driver's: at
+    one size it ran at 62% of the large-copy rate in one run and 96% in another, and odd sizes are always slow
+    (RESULTS.md, "Dense at equal bytes"), so it is no bound on a kernel; dense at equal bytes is the reference."""
     src = torch.empty(max(1, nbytes // 2), device=DEV, dtype=DTYPE)
     dst = torch.empty_like(src)
     return bench(graphed(lambda: dst.copy_(src)))
@@ -511,7 +513,8 @@ def markdown(rows: list, ceil: dict) -> str:
     lines = ["### Decode (one token per row; dense = SDPA flash over the full cache)", "",
              "One call: CUDA-graph replay of one kernel, L2 flushed before it. In step: the per-layer time of `layers` "
              "layers (own caches) replayed back to back in one graph, as in a captured decode step. Same-size copy: a "
-             "device copy of the bytes read, as % of the large-copy bandwidth. Dense at equal bytes: SDPA flash at the same "
+             "device copy of the bytes read (a graph memcpy node, whose speed varies between runs), as % of the large-copy "
+             "bandwidth. Dense at equal bytes: SDPA flash at the same "
              "batch over a cache as long as MoA's mean head (the same K/V bytes, every head equal).", "",
              "| context | batch | KV density | MoA ms | dense ms | time ratio | target <= 1.25 x density "
              "| bytes read (MB) | % of copy BW (target >= 80) | layers | in step: MoA ms | dense ms | time ratio "
