@@ -377,12 +377,12 @@ def sweep_prefill(cfg, bucket: int, n: int) -> dict:
 def decode_candidate(candidate: tuple) -> dict:
     """A decode launch config (of DECODE_CONFIGS or DECODE_CONFIGS_D64) from (BLOCK_N, num_warps, num_stages,
     programs_per_sm, fused_merge, merge_splits [, split_cap]) for the split kernel, or ("balanced", BLOCK_N, num_warps, num_stages, programs_per_sm
-    [, segment_cost]); a dict is the config itself."""
+    [, segment_cost]) for the balanced kernel with the table's row merge; a dict is the config itself."""
     if isinstance(candidate, dict):
         return candidate
     if candidate[0] == "balanced":
         keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "segment_cost")
-        return {"balanced": True, **dict(zip(keys, candidate[1:], strict=False)), "merge_splits": 16}
+        return {"balanced": True, **dict(zip(keys, candidate[1:], strict=False)), "merge_splits": 16, "row_merge": True}
     keys = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "fused_merge", "merge_splits", "split_cap")
     return dict(zip(keys[: len(candidate)], candidate, strict=True))
 

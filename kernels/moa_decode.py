@@ -72,6 +72,46 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_group[:, None])
 
     @triton.jit
+    def _merge_rows(
+        PartO, PartLse, Out, b, g, first, count,
+        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+        GROUP: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        # the same merge with no reduction across threads: a split's [MERGE_G, D] output is taken as R rows of 4 (one
+        # 16-byte load each) and its lse as an [R, 1] column (entry r: the lse of row r's query head), so each thread
+        # merges whole rows on its own, online, one exp2 per row, with no layout change; BLOCK_S splits per step, their
+        # loads independent. The balanced kernel, whose programs merge often, is up to 2.4% faster with it; the split
+        # kernel at one row was 1-4% slower (``row_merge`` in DECODE_CONFIGS).
+        VEC: tl.constexpr = 4
+        R: tl.constexpr = MERGE_G * HEAD_DIM // VEC
+        offs_r = tl.arange(0, R)
+        offs_v = tl.arange(0, VEC)
+        head = offs_r // (HEAD_DIM // VEC)  # the query head of each row
+        ok_r = (head < GROUP)[:, None]
+        d = (offs_r % (HEAD_DIM // VEC))[:, None] * VEC + offs_v[None, :]
+        o_base = PartO + b * stride_pb + head[:, None] * stride_pg + d
+        lse_base = PartLse + b * stride_lb + head[:, None]
+        m_i = tl.full([R, 1], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([R, 1], dtype=tl.float32)
+        acc = tl.zeros([R, VEC], dtype=tl.float32)
+        for s0 in range(0, count, BLOCK_S):
+            for u in tl.static_range(BLOCK_S):
+                w = first + s0 + u
+                ok = ok_r & (s0 + u < count)
+                lse = tl.load(lse_base + w * stride_lw, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                o = tl.load(o_base + w * stride_pw, mask=ok, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_i, lse)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                corr = tl.math.exp2(m_i - m_safe)
+                p = tl.math.exp2(lse - m_safe)  # 0 for an empty split and past the last
+                l_i = l_i * corr + p
+                acc = acc * corr + p * o
+                m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        o_ptrs = Out + b * stride_ob + (g * GROUP + head)[:, None] * stride_oh + d
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_r)
+
+    @triton.jit
     def _visible_part(first, stop, head_first, head_end, qp, lo, SINK: tl.constexpr):
         """The slots of the split [first, stop) that can hold keys visible to the query at qp, as a virtual range.
 
@@ -200,7 +240,7 @@ if HAS_TRITON:
         out, lse, PartO, PartLse, Counter, Out, b, g, w, pieces, merge_first, valid,
         stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh, num_kv_heads,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_S: tl.constexpr, ROW_MERGE: tl.constexpr,
     ):  # fmt: skip
         """A piece of (row b, kv head g): the output itself when the pair has one piece, else partial w, and the
         last of the pair's pieces to finish (its ticket) merges the pieces at merge_first, merge_first + 1, ...
@@ -224,11 +264,18 @@ if HAS_TRITON:
                 ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
                 if ticket == pieces - 1:
                     tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
-                    _merge_splits(
-                        PartO, PartLse, Out, b, g, merge_first, pieces,
-                        stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
-                        GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
-                    )  # fmt: skip
+                    if ROW_MERGE:
+                        _merge_rows(
+                            PartO, PartLse, Out, b, g, merge_first, pieces,
+                            stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+                            GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
+                        )  # fmt: skip
+                    else:
+                        _merge_splits(
+                            PartO, PartLse, Out, b, g, merge_first, pieces,
+                            stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh,
+                            GROUP, MERGE_G, HEAD_DIM, BLOCK_S,
+                        )  # fmt: skip
 
     @triton.jit
     def _moa_decode_split(
@@ -239,6 +286,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
         FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False,
+        ROW_MERGE: tl.constexpr = False,
     ):  # fmt: skip
         w = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: b * stride of a large cache passes 2**31
@@ -264,7 +312,7 @@ if HAS_TRITON:
             _write_or_merge(
                 out, lse, PartO, PartLse, Counter, Out, b, g_safe, w, count, tl.sum(tl.where(field == 5, rec, 0)),
                 g >= 0, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob, stride_oh, num_kv_heads,
-                GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
+                GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S, ROW_MERGE,
             )  # fmt: skip
         else:
             offs_g = tl.arange(0, BLOCK_G)
@@ -408,15 +456,18 @@ DECODE_CONFIGS = [
     # 50%, 3k pairs of 1.5k: 2.8% faster; RESULTS.md).
     (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8, "fused_merge": True,
                     "merge_splits": 16}, (4096, 1024)),
+    # row_merge (_merge_rows, in both balanced entries): 1-2.4% faster in step at 8k x 64 and 32k x 16, within 1% at
+    # 8k x 16 and from 128k x 16 up; in the split kernel it was 1-4% slower at one row (bench_attention.py, 2026-11-25
+    # afternoon; RESULTS.md "Where a batch-1 call's fixed cost goes").
     (2**62, 3 * 2**18, {"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
-                        "merge_splits": 16, "segment_cost": 4}),
+                        "merge_splits": 16, "segment_cost": 4, "row_merge": True}),
     # swap_ab: the dots take the 64 slots of a tile as M and the group's query heads (padded to 16) as N, which a
     # warpgroup runs as Hopper's wgmma, not as 16-row mma.sync tiles: as fast alone at Llama-3-8B's serving shapes,
     # 3% faster with groups of 7 (Qwen2.5-7B), and drawing less power, so that a whole decode step, power-bound at
     # the H200's 700 W next to its GEMMs, is 1-2% faster (benchmarks/attn_power.py, sweep_decode.py ... swap;
     # 2026-11-25 RESULTS.md "Slots as the dots' M"). Slower in the 2-warp and split configs, so only here.
     (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-                    "merge_splits": 16, "segment_cost": 3, "swap_ab": True}),
+                    "merge_splits": 16, "segment_cost": 3, "swap_ab": True, "row_merge": True}),
 ]  # fmt: skip
 # d <= 64 (Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2): a slot is half the bytes, and one config serves every batch above
 # two rows: 64-slot tiles (the bytes of the d=128 2-warp entry's 32), 2 warps, 4 programs per SM. The d=128 4-warp
@@ -467,6 +518,7 @@ def decode_constexprs(config: dict, group: int, head_dim: int, num_kv_heads: int
     common = dict(
         GROUP=group, BLOCK_G=max(16, merge_g), MERGE_G=merge_g, SINK=sink, MIN_SPAN=min_span, HEAD_DIM=head_dim,
         BLOCK_N=config["BLOCK_N"], DOT_PRECISION=dot_precision(dtype), SWAP_AB=swap_ab(config, head_dim),
+        ROW_MERGE=bool(config.get("row_merge", False)),
     )  # fmt: skip
     if config.get("balanced"):
         return dict(common, BLOCK_H=_pow2_at_least(num_kv_heads), BLOCK_S=config.get("merge_splits", 16),

@@ -46,6 +46,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SINK: tl.constexpr,
         MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_S: tl.constexpr, SEG_COST: tl.constexpr, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False,
+        ROW_MERGE: tl.constexpr = False,
     ):  # fmt: skip
         p = tl.program_id(0).to(tl.int64)
         # every head's (offset, capacity, alpha, beta, first unit, units per row) in one load (head_meta); rows
@@ -91,7 +92,7 @@ if HAS_TRITON:
                 _write_or_merge(
                     out, lse, PartO, PartLse, Counter, Out, b, g, g * pieces_per_pair + (p - first_prog), pieces,
                     g * pieces_per_pair, True, stride_pb, stride_pw, stride_pg, stride_lb, stride_lw, stride_ob,
-                    stride_oh, num_kv_heads, GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S,
+                    stride_oh, num_kv_heads, GROUP, BLOCK_G, MERGE_G, HEAD_DIM, BLOCK_S, ROW_MERGE,
                 )  # fmt: skip
             t = seg_end
 

@@ -480,17 +480,18 @@ def prefill_ref64(query, key, value, q_pos, alpha, beta, plan: dict):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("fused", [True, False])
-def test_decode_merge_variants_and_repeated_calls(fused):
-    """Fused (last split merges, tickets reset) and separate merge agree with the reference, call after call;
-    int64 head tensors and a strided q_pos (a column of [B, 2]) are read as they are."""
+@pytest.mark.parametrize("fused, row_merge, merge_splits", [(True, False, 8), (True, True, 2), (False, False, 2)])
+def test_decode_merge_variants_and_repeated_calls(fused, row_merge, merge_splits):
+    """Fused (last split merges, tickets reset; either merge, in one step or in steps with a partial last one) and
+    separate merge agree with the reference, call after call; int64 head tensors and a strided q_pos (a column of
+    [B, 2]) are read as they are."""
     plan = PLANS["gqa_sink5"]
     lengths = [150, 9, 97, 33]  # 150 slots: 5 splits of 32 under the interpreter; 9 < min_span; 33 straddles 32
     query, cache, rule = decode_setup(plan, lengths)
     cache = (*cache[:3], cache[3].to(torch.int64), cache[4].to(torch.int64))
     q_pos = torch.stack([torch.tensor(lengths, device=DEVICE) - 1, torch.zeros(4, device=DEVICE, dtype=torch.long)], 1)
     split = decode._INTERPRETER_CONFIG if INTERPRET else decode.DECODE_CONFIGS[0][2]  # the split kernel
-    config = dict(split, fused_merge=fused)
+    config = dict(split, fused_merge=fused, row_merge=row_merge, merge_splits=merge_splits)
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
     for _ in range(3):
         out = decode._launch_decode(query, cache, q_pos[:, 0], *rule[:2], 16**-0.5, *rule[2:], config=config)
@@ -500,12 +501,13 @@ def test_decode_merge_variants_and_repeated_calls(fused):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("row_merge", [False, True])
 @pytest.mark.parametrize("segment_cost", [0, 2])
 @pytest.mark.parametrize("programs", [1, 2, 5, 13, 200])
-def test_balanced_decode_any_program_count_and_repeated_calls(programs, segment_cost):
+def test_balanced_decode_any_program_count_and_repeated_calls(programs, segment_cost, row_merge):
     """The balanced kernel cut at any number of programs (one program for all, pairs in 2..many pieces, more
     programs than tiles, programs holding only a head's slotless units) agrees with the reference call after
-    call, its tickets back at zero; int64 head tensors and a strided q_pos are read as they are."""
+    call, its tickets back at zero, with either merge; int64 head tensors and a strided q_pos are read as they are."""
     plan = PLANS["gqa_sink5"]
     lengths = [150, 9, 97, 33]
     query, cache, rule = decode_setup(plan, lengths)
@@ -514,7 +516,7 @@ def test_balanced_decode_any_program_count_and_repeated_calls(programs, segment_
     ref64 = decode.moa_decode_ref(query.double(), cache[0].double(), cache[1].double(), *cache[2:], q_pos[:, 0], *rule)
     for _ in range(2):
         out = decode_call("balanced", query, cache, q_pos[:, 0], *rule, num_programs=programs,
-                          segment_cost=segment_cost)  # fmt: skip
+                          segment_cost=segment_cost, row_merge=row_merge)  # fmt: skip
         assert rel_err(out, ref64) < 1e-5
     assert int(decode._split_counters(query.device, 1).abs().sum()) == 0
 
