@@ -20,6 +20,8 @@
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 4608x384@0.25 splitbig step  # short splits, many pairs
     PYTHONPATH=. python benchmarks/sweep_decode.py 300 8192x16@0.5,32768x1@0.5 swap step  # each point's config with
                                                        # the slots as the dots' M (swap_ab)
+    PYTHONPATH=. python benchmarks/sweep_decode.py --head-dim 64 200 9216x816@0.5 rows step  # each point's config
+                                                       # with the other merge (row_merge toggled)
 
 Each point is timed with the config the head size's table (DECODE_CONFIGS, or DECODE_CONFIGS_D64 at d <= 64) gives
 it now ("current") and with every candidate installed in the entry that serves it; the table itself is left
@@ -183,7 +185,8 @@ def main() -> None:
                       "retune": RETUNE_CANDIDATES, "prev2w": PREV2W_CANDIDATES,
                       "retune4": RETUNE4_CANDIDATES, "fine": FINE_CANDIDATES,
                       "whole": WHOLE_CANDIDATES, "d64": D64_CANDIDATES, "d64small": D64_SMALL_CANDIDATES,
-                      "wide2w": WIDE2W_CANDIDATES, "onesm": ONESM_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES, "swap": "swap"}[sys.argv[3]]  # fmt: skip
+                      "wide2w": WIDE2W_CANDIDATES, "onesm": ONESM_CANDIDATES, "splitbig": SPLITBIG_CANDIDATES, "swap": "swap",
+                      "rows": "rows"}[sys.argv[3]]  # fmt: skip
     in_step = len(sys.argv) > 4 and sys.argv[4] == "step"
     if len(sys.argv) > 2 and ba.CUDA:  # "NxB@density,...": only these points
         points = [(int(p.split("x")[0]), int(p.split("x")[1].split("@")[0]), float(p.split("@")[1]))
@@ -195,6 +198,9 @@ def main() -> None:
         point_candidates = candidates
         if candidates == "swap":  # per point: its own config with swap_ab
             point_candidates = swap_candidates(ba.decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv))
+        elif candidates == "rows":  # per point: its own config with the other merge
+            own = ba.decode.decode_config(bsz, slots, cfg.head_dim, cfg.hkv)
+            point_candidates = [dict(own, row_merge=not own.get("row_merge", False))]
         timings = ba.time_decode_candidates(
             cfg, n, bsz, density, point_candidates, ba.decode_entry(cfg, bsz, slots), deadline
         )  # fmt: skip
