@@ -457,7 +457,8 @@ DECODE_CONFIGS = [
     (2**62, 2**62, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8, "fused_merge": True,
                     "merge_splits": 16}, (4096, 1024)),
     # row_merge (_merge_rows, in both balanced entries): 1-2.4% faster in step at 8k x 64 and 32k x 16, within 1% at
-    # 8k x 16 and from 128k x 16 up; in the split kernel it was 1-4% slower at one row (bench_attention.py, 2026-11-25
+    # 8k x 16 and from 128k x 16 up; with Qwen2.5-7B's groups of 7, 2.9% at 9.2k x 424 and 14% at 8k x 16 at 25%; in
+    # the split kernel it was 1-4% slower at one row (bench_attention.py, sweep_decode.py ... rows step, 2026-11-25
     # afternoon; RESULTS.md "Where a batch-1 call's fixed cost goes").
     (2**62, 3 * 2**18, {"balanced": True, "BLOCK_N": 32, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
                         "merge_splits": 16, "segment_cost": 4, "row_merge": True}),
@@ -472,12 +473,13 @@ DECODE_CONFIGS = [
 # d <= 64 (Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2): a slot is half the bytes, and one config serves every batch above
 # two rows: 64-slot tiles (the bytes of the d=128 2-warp entry's 32), 2 warps, 4 programs per SM. The d=128 4-warp
 # entry took 26% longer at Llama-3.2-1B's 8k+2k serving shape (9.2k x 816 rows: 2.226 vs 1.763 ms;
-# sweep_decode.py --head-dim 64 ... d64, 2026-11-25 06:4x UTC; RESULTS.md "Decode at head size 64").
+# sweep_decode.py --head-dim 64 ... d64, 2026-11-25 06:4x UTC; RESULTS.md "Decode at head size 64"). row_merge: equal
+# at 9.2k x 816, 0.5-1.3% faster in step at 8k x 64 and 8k x 16 (sweep_decode.py --head-dim 64 ... rows step).
 DECODE_CONFIGS_D64 = [
     (2, 2**62, {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 1, "fused_merge": True,
                 "merge_splits": 16}),
     (2**62, 2**62, {"balanced": True, "BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 4,
-                    "merge_splits": 16, "segment_cost": 4}),
+                    "merge_splits": 16, "segment_cost": 4, "row_merge": True}),
 ]  # fmt: skip
 
 
