@@ -97,7 +97,8 @@ if HAS_TRITON:
         for s0 in range(0, count, BLOCK_S):
             for u in tl.static_range(BLOCK_S):
                 w = first + s0 + u
-                ok = ok_r & (s0 + u < count)
+                # a full [R, 1] mask: Triton 3.9's interpreter rejects a load mask made with a scalar (same PTX)
+                ok = ok_r & ((s0 + u + tl.zeros([R, 1], dtype=tl.int32)) < count)
                 lse = tl.load(lse_base + w * stride_lw, mask=ok, other=float("-inf"), cache_modifier=".cg")
                 o = tl.load(o_base + w * stride_pw, mask=ok, other=0.0, cache_modifier=".cg")
                 m_new = tl.maximum(m_i, lse)
