@@ -40,6 +40,16 @@ if INTERPRET:
     patch_interpreter_index()  # also done in conftest; harmless twice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _zeroed_tickets():
+    """Every test starts with the merge tickets at zero: a kernel that fails part-way under the interpreter leaves
+    some set, which would fail every later merge (and the ticket checks) instead of only the test that broke."""
+    for buf in decode._COUNTERS.values():
+        buf.zero_()
+
+
 # interpreter tiles are 16 wide: spans 15/16/17/32 straddle block boundaries
 PLANS = {
     "mha_sink4": dict(hkv=4, hq=4, sink=4, min_span=8, alpha=[16.0, 15.0, 2.0, 40.0], beta=[0.0, 0.0, 0.5, 1.0]),
