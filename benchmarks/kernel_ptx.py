@@ -62,9 +62,13 @@ def signature(fn, constexprs: dict) -> tuple[dict, dict]:
 
 
 def code_of(ptx: str) -> str:
-    """The PTX without comments, source locations and debug sections (which move with source line numbers)."""
+    """The PTX without comments, source locations and debug sections (which move with source line numbers), nor the
+    labels only the debug sections use (``$L__tmpN:``, which move with how the source nests its jit helpers)."""
     code = re.split(r"\n\s*\.section\s+\.debug", ptx, maxsplit=1)[0]
-    return "\n".join(ln for ln in code.splitlines() if not ln.strip().startswith((".loc", ".file", "//")))
+    return "\n".join(
+        ln for ln in code.splitlines()
+        if not ln.strip().startswith((".loc", ".file", "//")) and not re.fullmatch(r"\$L__tmp\d+:", ln.strip())
+    )  # fmt: skip
 
 
 def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int):
