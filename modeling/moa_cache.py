@@ -55,6 +55,7 @@ class MoaCacheLayer(CacheLayerMixin):
         self.fits_until = 0  # every head's capacity holds lengths up to this (host int)
         self.seq_len = 0  # tokens appended so far, padding included (host int)
         self.slot_pos: torch.Tensor | None = None
+        self.storage_version = 0  # bumped whenever keys/values/slot_pos/next_pos become new tensors (graphs re-capture)
 
     # -- sizes --------------------------------------------------------------------------------
     def span(self, head: int, n: int) -> int:
@@ -108,13 +109,21 @@ class MoaCacheLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             indices = indices.to(self.device)
+            # a static cache keeps its addresses (a captured decode step stays valid through beam reordering)
+            in_place = self.max_cache_len is not None and indices.shape[0] == self.keys.shape[0]
             for name in ("keys", "values", "slot_pos", "next_pos"):
-                setattr(self, name, getattr(self, name).index_select(0, indices))
+                chosen = getattr(self, name).index_select(0, indices)
+                if in_place:
+                    getattr(self, name).copy_(chosen)
+                else:
+                    setattr(self, name, chosen)
+            self.storage_version += 0 if in_place else 1
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             for name in ("keys", "values", "slot_pos", "next_pos"):
                 setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+            self.storage_version += 1
 
     # -- storage --------------------------------------------------------------------------------
     def _allocate(self, bsz: int, head_dim: int, capacity: list[int]) -> None:
@@ -130,6 +139,7 @@ class MoaCacheLayer(CacheLayerMixin):
         self.head_capacity = _small_tensor(capacity, self.device)
         self.trash_slot = total - 1
         self.fits_until = 0  # recomputed on the next reserve()
+        self.storage_version += 1
 
     def _fits(self, n: int) -> bool:
         return all(cap >= self.required_capacity(g, n) for g, cap in enumerate(self.capacity))

@@ -10,9 +10,15 @@ sequence of kernels: on CUDA it is captured once as a CUDA graph and replayed; o
     new_tokens = loop.run(256)                # [B, 256]
 
 ``MoaForCausalLMMixin.moa_generate`` wraps prefill + loop for users.
+
+``GraphedDecodeStep`` is what ``generate()`` itself calls for its decode steps on CUDA (transformers' hook for a
+compiled forward): a one-token forward over a static MoaCache is captured once and replayed, so sampling, beams,
+logits processors and stopping criteria keep working and only the model's forward stops paying Python and launches.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -112,17 +118,151 @@ class MoaDecodeLoop:
 
     def _warm_up_and_capture(self) -> None:
         """Run one real step eagerly (compiles kernels, fills memos), then capture the next one."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step()  # this is the current step, for real
-        torch.cuda.current_stream().wait_stream(stream)
-        seq_len = self.cache.layers[0].seq_len
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()  # recorded only: nothing runs until replay
-        for layer in self.cache.layers:
-            layer.seq_len = seq_len
+        _on_side_stream(self._step)  # this is the current step, for real
+        self.graph, _ = _capture(self._step, self.cache)
+
+
+def _on_side_stream(fn):
+    """``fn()`` on a fresh side stream, ordered after and before the current stream (warm-up before a capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        result = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return result
+
+
+def _capture(fn, cache: MoaCache):
+    """(graph, fn's output) with ``fn`` recorded, not run; the layers' host-side lengths are left as they were."""
+    lengths = [layer.seq_len for layer in cache.layers]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()  # recorded only: nothing runs until replay
+    for layer, length in zip(cache.layers, lengths, strict=True):
+        layer.seq_len = length
+    return graph, output
+
+
+# forward arguments a graph-replayed step understands; any other one given (not None / False) runs eagerly
+_STEP_ARGUMENTS = frozenset(
+    ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
+     "return_dict", "cache_position", "output_attentions", "output_hidden_states")
+)  # fmt: skip
+
+
+class GraphedDecodeStep:
+    """The model's forward, with one-token steps over a static ``MoaCache`` replayed from a CUDA graph.
+
+    ``generate()`` gets this from ``get_compiled_call`` for its decode loop. A call that is not such a step
+    (a prefill chunk, a dynamic cache, gradients, other outputs asked for) runs the plain forward. The first
+    step of a cache runs eagerly through the fixed input buffers (kernels compile), the second is captured,
+    later ones copy token / position / padding into the buffers and replay. The graph follows the cache's
+    tensors (``storage_version``); a new cache or a reallocated one is captured again, and only one graph is
+    held. With ``cuda_graph=False`` (CPU tests) every step runs eagerly through the same buffers.
+    """
+
+    def __init__(self, model, cuda_graph: bool | None = None):
+        self.model = model
+        self.cuda_graph = cuda_graph
+        self.steps = 0  # one-token steps served through the buffers (eager or replayed)
+        self.replays = 0  # of which graph replays (tests and benchmarks read both)
+        self._state: dict | None = None
+
+    def release(self) -> None:
+        """Drop the graph, its memory pool and the buffers."""
+        self._state = None
+
+    def __call__(self, *args, **kwargs):
+        key = None if args else self._step_key(kwargs)
+        if key is None:
+            return self.model(*args, **kwargs)
+        state = self._state
+        if state is None or state["key"] != key or state["cache"]() is None:
+            state = self._state = self._new_state(key, kwargs)
+        self._load_inputs(state, kwargs)
+        cache = state["cache"]()
+        self.steps += 1
+        if not state["graphed"]:
+            logits = self._forward(state)
+        elif not state["warm"]:
+            logits = _on_side_stream(lambda: self._forward(state))  # for real: kernels compile, memos fill
+            state["warm"] = True
+        else:
+            if state["graph"] is None:
+                state["graph"], state["logits"] = _capture(lambda: self._forward(state), cache)
+            state["graph"].replay()
+            for layer in cache.layers:
+                layer.seq_len += 1  # a replay runs no Python: keep the host-side length right
+            self.replays += 1
+            logits = state["logits"]
+        return state["output_class"](logits=logits.clone(), **{state["cache_field"]: cache})
+
+    def _step_key(self, kwargs: dict):
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.dim() != 2 or ids.shape[1] != 1 or torch.is_grad_enabled():
+            return None
+        if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+            return None
+        if any(
+            name not in _STEP_ARGUMENTS and value is not None and value is not False for name, value in kwargs.items()
+        ):
+            return None
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return None
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        if not isinstance(cache, MoaCache):
+            return None
+        first = cache.layers[0]
+        if not first.is_initialized or first.max_cache_len is None or first.seq_len == 0:
+            return None
+        if first.seq_len + 1 > first.max_cache_len:
+            return None  # the plain forward raises the error that says how to size the cache
+        mask, keep = kwargs.get("attention_mask"), kwargs.get("logits_to_keep", 0)
+        if (mask is not None and mask.dim() != 2) or not isinstance(keep, int) or first.keys.device != ids.device:
+            return None
+        versions = tuple(layer.storage_version for layer in cache.layers)
+        return id(cache), ids.shape[0], keep, versions
+
+    def _new_state(self, key, kwargs: dict) -> dict:
+        ids = kwargs["input_ids"]
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        graphed = ids.device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
+        self._state = None  # free the previous graph's pool before buffers of the new one are made
+        return {
+            "key": key,
+            "cache": weakref.ref(cache),  # the graph must not keep a finished generation's cache alive
+            "graphed": graphed,
+            "graph": None,
+            "warm": False,
+            "tokens": torch.zeros_like(ids),
+            "positions": torch.zeros_like(ids),
+            "valid": torch.ones_like(ids),
+            "keep": key[2],
+        }
+
+    def _load_inputs(self, state: dict, kwargs: dict) -> None:
+        from .moa_model import moa_positions
+
+        ids = kwargs["input_ids"]
+        cache = state["cache"]()
+        rope_ids, q_pos = moa_positions(
+            kwargs.get("attention_mask"), kwargs.get("position_ids"), cache, ids.shape[0], 1, ids.device
+        )
+        state["tokens"].copy_(ids)
+        state["positions"].copy_(rope_ids)
+        state["valid"].copy_(q_pos >= 0)
+
+    def _forward(self, state: dict) -> torch.Tensor:
+        cache = state["cache"]()
+        kwargs = dict(_forward_kwargs(self.model, cache), logits_to_keep=state["keep"])
+        out = self.model(
+            state["tokens"], attention_mask=state["valid"], position_ids=state["positions"], return_dict=True, **kwargs
+        )
+        state["output_class"] = type(out)
+        state["cache_field"] = next(name for name, value in out.items() if value is cache)
+        return out.logits
 
 
 def greedy_generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, eos_token_id=None,

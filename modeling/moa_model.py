@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .moa_attention import fused_kernels, moa_attention, select_backend
 from .moa_cache import MoaCache
-from .moa_generate import greedy_generate
+from .moa_generate import GraphedDecodeStep, greedy_generate
 from .moa_projections import SplitBeforeSaving, joined_linear
 
 
@@ -211,13 +211,64 @@ def _fused_mlp(fused, mlp, normed: torch.Tensor) -> torch.Tensor:
 
 
 class MoaForCausalLMMixin(SplitBeforeSaving):
-    """generate() starts from a MoaCache sized for the whole generation (no regrowth while decoding)."""
+    """generate() with a MoaCache; on CUDA a static one and decode steps replayed from a CUDA graph.
+
+    transformers' ``generate()`` asks the model for a cache (``_prepare_cache_for_generation``), whether to run its
+    decode steps through a compiled forward (``_valid_auto_compile_criteria``) and for that forward
+    (``get_compiled_call``). Here the cache is a MoaCache, static (sized for ``max_length``) when the steps will be
+    graph-replayed, and the "compiled" forward is ``GraphedDecodeStep``, not ``torch.compile``. Graphs are used on
+    one CUDA device unless ``generate(..., disable_compile=True)``; ``cache_implementation="dynamic"`` or a
+    dynamic MoaCache passed in keeps eager steps (memory then follows the generation's length, not max_length).
+    """
 
     def generate(self, *args, **kwargs):
-        cache_kw = cache_argument(type(self).forward)
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs[cache_kw] = MoaCache(self.config)
-        return super().generate(*args, **kwargs)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:  # the graph and its memory pool belong to this call's cache
+            step = self.__dict__.get("_moa_graphed_step")
+            if step is not None:
+                step.release()
+
+    def _moa_graphs_wanted(self, generation_config) -> bool:
+        """Whether generate() replays its decode steps from CUDA graphs (one CUDA device, not disabled)."""
+        if generation_config.disable_compile or self.device.type != "cuda":
+            return False
+        device_map = getattr(self, "hf_device_map", None) or {}
+        return len({str(device) for device in device_map.values()}) <= 1  # a graph does not span devices
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+    ):
+        name = cache_argument(type(self).forward)
+        if model_kwargs.get(name) is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+            )
+        kind = generation_config.cache_implementation
+        if kind not in (None, "static", "dynamic"):
+            raise ValueError(
+                f"cache_implementation={kind!r}: MoA models generate with their own MoaCache, whose memory is the sum "
+                "of the heads' spans. Leave cache_implementation unset, or pick 'static' (sized for max_length) or "
+                "'dynamic' (grows with the text)."
+            )
+        static = kind == "static" or (kind is None and self._moa_graphs_wanted(generation_config))
+        # max_cache_length is max_length - 1 (the last new token is never fed back); one slot more costs ~nothing
+        model_kwargs[name] = MoaCache(self.config, max_cache_len=max_cache_length + 1 if static else None)
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        cache = model_kwargs.get("cache")
+        cache = model_kwargs.get("past_key_values") if cache is None else cache
+        if not isinstance(cache, MoaCache):
+            return False  # the forward replaces an empty foreign cache with a MoaCache, and never compiles
+        return cache.layers[0].max_cache_len is not None and self._moa_graphs_wanted(generation_config)
+
+    def get_compiled_call(self, compile_config=None):
+        """The forward generate() uses for decode steps: ``GraphedDecodeStep`` (CUDA graphs, not torch.compile)."""
+        step = self.__dict__.get("_moa_graphed_step")
+        if step is None:
+            step = GraphedDecodeStep(self)
+            self.__dict__["_moa_graphed_step"] = step
+        return step
 
     def moa_generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, **kwargs):
         """Greedy generation with a static MoaCache and a CUDA-graph decode loop (no host sync per token).

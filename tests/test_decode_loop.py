@@ -1,4 +1,5 @@
-"""moa_generate / MoaDecodeLoop: the same tokens as generate(), static cache, no growth, CUDA-graph replays."""
+"""moa_generate / MoaDecodeLoop and generate()'s graphed decode steps: the same tokens as eager generate(), static
+cache, no growth, CUDA-graph replays."""
 
 from __future__ import annotations
 
@@ -96,6 +97,132 @@ def test_cuda_graph_loop_equals_eager_generate(monkeypatch, backend):
     moa = build_moa(dense, plan).to("cuda")
     ids, mask = _padded_batch(3, lengths=(90, 61, 77))
     ids, mask = ids.cuda(), mask.cuda()
-    expected = moa.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    expected = moa.generate(
+        ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, disable_compile=True
+    )  # eager steps, dynamic cache
     actual = moa.moa_generate(ids, attention_mask=mask, max_new_tokens=40)  # graph captured at step 2
     assert torch.equal(actual, expected)
+    step = moa.get_compiled_call()
+    graphed = moa.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert torch.equal(graphed, expected)
+    assert (step.steps, step.replays) == (39, 38)  # step 1 eager, step 2 captured then replayed, ...
+    assert step._state is None
+    for _ in range(2):  # sampling: the same draws from the same logits; a second call captures its own cache
+        torch.manual_seed(7)
+        sampled = moa.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, pad_token_id=0)
+        torch.manual_seed(7)
+        eager = moa.generate(
+            ids, attention_mask=mask, max_new_tokens=12, do_sample=True, pad_token_id=0, disable_compile=True
+        )  # fmt: skip
+        assert torch.equal(sampled, eager)
+    assert step.replays == 38 + 2 * 10
+
+
+def _graphs_on_cpu(monkeypatch, moa):
+    """Make generate() take its CUDA path on CPU: static cache, steps through GraphedDecodeStep (run eagerly)."""
+    monkeypatch.setattr(type(moa), "_moa_graphs_wanted", lambda self, config: not config.disable_compile)
+    step = moa.get_compiled_call()
+    step.cuda_graph = False
+    return step
+
+
+@pytest.mark.parametrize(
+    "options, graphed_steps",
+    [(dict(do_sample=False), 8), (dict(do_sample=True, top_k=20, temperature=0.9), 8),
+     (dict(do_sample=False, num_beams=3), 0)],  # transformers' beam search never asks for a compiled forward
+    ids=["greedy", "sample", "beams"],
+)  # fmt: skip
+def test_generate_decode_steps_go_through_the_graphed_step(monkeypatch, options, graphed_steps):
+    dense = build_dense("llama", 2, seed=12)
+    moa = build_moa(dense, random_plan(2, 2, seed=12))
+    ids, mask = _padded_batch(12)
+    step = _graphs_on_cpu(monkeypatch, moa)
+    new = 9
+
+    def run(**extra):
+        torch.manual_seed(0)
+        return moa.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+            return_dict_in_generate=True, **options, **extra,
+        )  # fmt: skip
+
+    eager = run(disable_compile=True)
+    assert eager.past_key_values.layers[0].max_cache_len is None  # eager: the dynamic cache, as before
+    assert step.steps == 0
+    graphed = run()
+    layer = graphed.past_key_values.layers[0]
+    assert layer.max_cache_len == ids.shape[1] + new  # static: max_length - 1, plus one
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert step.steps == graphed_steps  # every decode step (new - 1); the prefill ran the plain forward
+    assert step._state is None  # released when generate() returned
+
+
+def test_generate_with_a_dynamic_cache_or_other_outputs_stays_eager(monkeypatch):
+    dense = build_dense("qwen2", 4, seed=13)
+    moa = build_moa(dense, random_plan(2, 4, seed=13))
+    ids, mask = _padded_batch(13)
+    step = _graphs_on_cpu(monkeypatch, moa)
+    cache_mod = remote_module("moa_cache")
+    reference = moa.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert step.steps == 5
+    for extra in (
+        {_cache_kw(moa): cache_mod.MoaCache(moa.config)},
+        dict(cache_implementation="dynamic"),
+        dict(output_hidden_states=True, return_dict_in_generate=True),
+    ):
+        out = moa.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, **extra)
+        assert torch.equal(getattr(out, "sequences", out), reference)
+    assert step.steps == 5
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+        moa.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="offloaded")
+
+
+def test_graphed_step_follows_a_new_cache_and_reordered_rows(monkeypatch):
+    """The step is keyed on the cache and its tensors: a second cache gets its own buffers, and an in-place
+    reorder (beams) keeps the static cache's addresses."""
+    dense = build_dense("llama", 2, seed=14)
+    moa = build_moa(dense, random_plan(2, 2, seed=14))
+    ids, mask = _padded_batch(14)
+    cache_mod = remote_module("moa_cache")
+    step = remote_module("moa_generate").GraphedDecodeStep(moa, cuda_graph=False)
+    kw = _cache_kw(moa)
+    caches = [cache_mod.MoaCache(moa.config, max_cache_len=ids.shape[1] + 4) for _ in range(3)]
+    with torch.no_grad():
+        for cache in caches:
+            moa(ids, attention_mask=mask, use_cache=True, **{kw: cache})
+        keys = caches[0].layers[1].keys
+        order = torch.tensor([2, 0, 1])
+        caches[0].reorder_cache(order)
+        assert caches[0].layers[1].keys is keys and caches[0].layers[1].storage_version == 1
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        token = torch.tensor([[5], [6], [7]])
+        got = step(input_ids=token[order], attention_mask=mask[order], **{kw: caches[0]}, logits_to_keep=1).logits
+        other = step(input_ids=token, attention_mask=mask, **{kw: caches[1]}, logits_to_keep=1).logits
+        plain = moa(input_ids=token, attention_mask=mask, **{kw: caches[2]}, logits_to_keep=1).logits
+    assert step.steps == 2
+    assert torch.allclose(got, plain[order], atol=1e-5)  # rows moved with their cache rows
+    assert torch.allclose(other, plain, atol=1e-5)
+    assert [cache.get_seq_length() for cache in caches] == [ids.shape[1] + 1] * 3
+
+
+def test_generate_continues_a_conversation_on_a_static_cache_it_was_given(monkeypatch):
+    """Multi-turn: a static MoaCache passed in by the user holds turn 1; turn 2 prefills on it and decodes through the
+    graphed step, with the same tokens as eager turns over a dynamic cache."""
+    dense = build_dense("llama", 2, seed=15)
+    moa = build_moa(dense, random_plan(2, 2, seed=15))
+    step = _graphs_on_cpu(monkeypatch, moa)
+    cache_mod = remote_module("moa_cache")
+    gen = torch.Generator().manual_seed(15)
+    turn1, reply = torch.randint(3, 101, (1, 21), generator=gen), torch.randint(3, 101, (1, 9), generator=gen)
+
+    def conversation(cache, **extra):
+        kw = {_cache_kw(moa): cache, "do_sample": False, "pad_token_id": 0, **extra}
+        first = moa.generate(turn1, max_new_tokens=5, min_new_tokens=5, **kw)
+        second = moa.generate(torch.cat([first, reply], dim=1), max_new_tokens=6, min_new_tokens=6, **kw)
+        return second, cache.get_seq_length()
+
+    eager = conversation(cache_mod.MoaCache(moa.config), disable_compile=True)
+    assert step.steps == 0
+    graphed = conversation(cache_mod.MoaCache(moa.config, max_cache_len=64))
+    assert torch.equal(graphed[0], eager[0]) and graphed[1] == eager[1] == 21 + 5 + 9 + 5
+    assert step.steps == 4 + 5
