@@ -100,3 +100,10 @@ def test_decode_table_configs_fit_hopper_shared_memory(tmp_path):
     """Every decode table config at d=64, 128 and 256, compiled for sm_90 as a launch specialises it, fits in the 227 KB
     of shared memory an H100 / H200 program may use (a config over it would launch smaller than the table says)."""
     run_script(["benchmarks/kernel_ptx.py", "--shared-memory"], tmp_path, interpret=False)
+
+
+def test_bench_generate_smoke(tmp_path):
+    run_script(["benchmarks/bench_generate.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
+    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
+    assert [r["method"] for r in rows[:4]] == ["hf-dynamic", "moa-eager", "moa-graph", "moa_generate"]
+    assert all("error" not in r and r["ms_per_token"] > 0 for r in rows), rows

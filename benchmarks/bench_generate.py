@@ -1,0 +1,149 @@
+"""Per-token time of ``generate()`` itself, the call most users make, for dense and MoA models on one GPU.
+
+    PYTHONPATH=. python benchmarks/bench_generate.py --out $OUT       # the H200 run (Llama-3-8B shapes)
+    PYTHONPATH=. python benchmarks/bench_generate.py --smoke --out /tmp/gen   # CPU check of the script
+
+Methods, on the same random bf16 weights (bench_e2e.build; the MoA plan mixes local and long heads at 50% KV
+density at the case's context):
+- ``hf-dynamic``: transformers dense, SDPA, DynamicCache, ``generate()``;
+- ``hf-static``: transformers dense, SDPA, ``generate(cache_implementation="static")`` with one cache size for all
+  calls (``max_cache_len``), so its automatic ``torch.compile`` (CUDA graphs) compiles once, in the warm-up;
+- ``moa-eager``: the MoA model's ``generate(disable_compile=True)``: a dynamic MoaCache, every step eager;
+- ``moa-graph``: the MoA model's ``generate()``: a static MoaCache and decode steps replayed from a CUDA graph
+  (``GraphedDecodeStep``, through transformers' compiled-forward hook);
+- ``moa_generate``: ``model.moa_generate()``, greedy, the whole step (pick and stop check too) in the graph.
+
+Each repeat times generate() for 1, 1 + T and 1 + 2T new tokens (greedy, no early stop). ``ms_per_token`` is
+(t(1 + 2T) - t(1)) / 2T, so the prefill drops out and a graph capture per call is spread over the tokens;
+``steady_ms`` is (t(1 + 2T) - t(1 + T)) / T, after the capture. Medians over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_e2e import CUDA, DEV, build, cleanup, log, plans, sync  # noqa: E402
+from moa_hub.apply import moa_twin, set_plan  # noqa: E402
+
+METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa_generate")
+
+
+STATIC_ROOM = 1024  # new tokens hf-static's one cache size allows
+
+
+def call(model, method: str, ids: torch.Tensor, new: int) -> float:
+    """Seconds of one generate() of ``new`` tokens (greedy, exactly ``new``)."""
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if method == "moa_generate":
+            model.moa_generate(ids, max_new_tokens=new)
+        else:
+            extra = dict(disable_compile=True) if method == "moa-eager" else {}
+            if method == "hf-static":
+                extra = dict(cache_implementation="static", max_cache_len=ids.shape[1] + STATIC_ROOM)
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(model, method: str, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
+    call(model, method, ids, 3)  # warm-up: kernels compile, the allocator settles
+    per_token, steady, peak = [], [], 0
+    for _ in range(repeats):
+        first = call(model, method, ids, 1)
+        mid = call(model, method, ids, 1 + tokens)
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        full = call(model, method, ids, 1 + 2 * tokens)
+        if CUDA:
+            peak = max(peak, torch.cuda.max_memory_allocated())
+        per_token.append((full - first) / (2 * tokens) * 1e3)
+        steady.append((full - mid) / tokens * 1e3)
+    row = dict(ms_per_token=round(statistics.median(per_token), 3), steady_ms=round(statistics.median(steady), 3),
+               ms_per_token_all=[round(x, 3) for x in per_token], steady_ms_all=[round(x, 3) for x in steady])  # fmt: skip
+    if CUDA:
+        row["peak_GiB"] = round(peak / 2**30, 2)
+    step = model.__dict__.get("_moa_graphed_step")
+    if method == "moa-graph" and step is not None:
+        row["graph_replays_so_far"] = step.replays  # > 0 proves generate() took the graphed path
+    return row
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--cases", default="4096x1,32768x1,4096x16", help="context x batch, comma-separated")
+    parser.add_argument("--methods", default="hf-dynamic,moa-eager,moa-graph,moa_generate")
+    parser.add_argument("--tokens", type=int, default=32, help="T: generate() runs 1, 1+T and 1+2T tokens")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.cases, args.tokens, args.repeats = "tiny", "256x1,192x2", 3, 1
+    args.methods = args.methods.split(",")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}: pick from {', '.join(METHODS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dense = build(args.model)
+    moa = moa_twin(dense, plans(dense, 4096)["moa-50"])
+    moa.generation_config.pad_token_id = 0
+    result = dict(rows=[], meta=dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=args.model,
+        gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
+        transformers=transformers.__version__, args={k: str(v) for k, v in vars(args).items()},
+    ))  # fmt: skip
+    for case in args.cases.split(","):
+        context, bsz = (int(x) for x in case.split("x"))
+        set_plan(moa, plans(dense, context + 2 * args.tokens)["moa-50"])
+        ids = torch.randint(
+            3, min(1000, dense.config.vocab_size), (bsz, context), generator=torch.Generator().manual_seed(context)
+        ).to(DEV)
+        for method in args.methods:
+            model = dense if method.startswith("hf-") else moa
+            try:
+                row = measure(model, method, ids, args.tokens, args.repeats)
+            except torch.cuda.OutOfMemoryError as err:
+                row = dict(error=f"out of memory: {str(err)[:200]}")
+            cleanup()
+            result["rows"].append(dict(context=context, batch=bsz, method=method, **row))
+            log(json.dumps(result["rows"][-1]))
+            (args.out / "generate.json").write_text(json.dumps(result, indent=2))
+    print_table(result["rows"])
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "\n| context | batch | method | ms / token (2T, capture included) | steady ms / token | x hf-dynamic | peak GiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        base = next((r for r in rows if r["method"] == "hf-dynamic" and r["context"] == row["context"]
+                     and r["batch"] == row["batch"] and "error" not in r), None)  # fmt: skip
+        if "error" in row:
+            print(f"| {row['context']} | {row['batch']} | {row['method']} | {row['error'][:40]} | | | |")
+            continue
+        ratio = f"{base['ms_per_token'] / row['ms_per_token']:.2f}" if base else ""
+        print(f"| {row['context']} | {row['batch']} | {row['method']} | {row['ms_per_token']} | {row['steady_ms']} | "
+              f"{ratio} | {row.get('peak_GiB', '')} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
