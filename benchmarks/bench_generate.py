@@ -11,6 +11,8 @@ density at the case's context):
 - ``moa-eager``: the MoA model's ``generate(disable_compile=True)``: a dynamic MoaCache, every step eager;
 - ``moa-graph``: the MoA model's ``generate()``: a static MoaCache and decode steps replayed from a CUDA graph
   (``GraphedDecodeStep``, through transformers' compiled-forward hook);
+- ``moa-graph-reuse``: the same, on one static MoaCache the caller passes in and ``reset()``s before each call,
+  so the graph captured in the warm-up is replayed from the first step of every call;
 - ``moa_generate``: ``model.moa_generate()``, greedy, the whole step (pick and stop check too) in the graph.
 
 Each repeat times generate() for 1, 1 + T and 1 + 2T new tokens (greedy, no early stop). ``ms_per_token`` is
@@ -34,11 +36,27 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_e2e import CUDA, DEV, build, cleanup, log, plans, sync  # noqa: E402
 from moa_hub.apply import moa_twin, set_plan  # noqa: E402
+from moa_hub.remote import remote_module  # noqa: E402
 
-METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa_generate")
+MoaCache = remote_module("moa_cache").MoaCache
+cache_argument = remote_module("moa_model").cache_argument
+
+METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate")
 
 
 STATIC_ROOM = 1024  # new tokens hf-static's one cache size allows
+
+
+_REUSED: dict = {}
+
+
+def reusable_cache(model, max_cache_len: int):
+    """One static MoaCache per (model, size), kept across calls (moa-graph-reuse)."""
+    key = (id(model), max_cache_len)
+    if key not in _REUSED:
+        _REUSED.clear()  # the previous case's cache (and with it its graph) goes
+        _REUSED[key] = MoaCache(model.config, max_cache_len=max_cache_len)
+    return _REUSED[key]
 
 
 def call(model, method: str, ids: torch.Tensor, new: int) -> float:
@@ -52,6 +70,10 @@ def call(model, method: str, ids: torch.Tensor, new: int) -> float:
             extra = dict(disable_compile=True) if method == "moa-eager" else {}
             if method == "hf-static":
                 extra = dict(cache_implementation="static", max_cache_len=ids.shape[1] + STATIC_ROOM)
+            if method == "moa-graph-reuse":
+                cache = reusable_cache(model, ids.shape[1] + STATIC_ROOM)
+                cache.reset()
+                extra = {cache_argument(type(model).forward): cache}
             model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
     sync()
     return time.perf_counter() - start
@@ -75,7 +97,7 @@ def measure(model, method: str, ids: torch.Tensor, tokens: int, repeats: int) ->
     if CUDA:
         row["peak_GiB"] = round(peak / 2**30, 2)
     step = model.__dict__.get("_moa_graphed_step")
-    if method == "moa-graph" and step is not None:
+    if method.startswith("moa-graph") and step is not None:
         row["graph_replays_so_far"] = step.replays  # > 0 proves generate() took the graphed path
     return row
 
@@ -85,7 +107,7 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--cases", default="4096x1,32768x1,4096x16", help="context x batch, comma-separated")
-    parser.add_argument("--methods", default="hf-dynamic,moa-eager,moa-graph,moa_generate")
+    parser.add_argument("--methods", default="hf-dynamic,moa-eager,moa-graph,moa-graph-reuse,moa_generate")
     parser.add_argument("--tokens", type=int, default=32, help="T: generate() runs 1, 1+T and 1+2T tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")

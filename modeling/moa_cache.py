@@ -85,6 +85,10 @@ class MoaCacheLayer(CacheLayerMixin):
         self.next_pos = torch.zeros(bsz, dtype=torch.int64, device=self.device)
         self.is_initialized = True
 
+    def _needs_storage(self, key: torch.Tensor) -> bool:
+        """Not allocated yet, or reset() and reused for a batch of another size (the old storage cannot hold it)."""
+        return not self.is_initialized or (self.seq_len == 0 and key.shape[0] != self.keys.shape[0])
+
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError("MoaCacheLayer is written by MoA attention (moa_attention.py), not by Cache.update")
 
@@ -193,7 +197,7 @@ class MoaCacheLayer(CacheLayerMixin):
 
     def write(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor) -> None:
         """Append a chunk. key/value: [B, Hkv, L, D]; q_pos: [B, L] position ids, -1 for padding."""
-        if not self.is_initialized:
+        if self._needs_storage(key):
             self.lazy_initialization(key, value)
         bsz, num_heads, length, head_dim = key.shape
         self.seq_len += length
@@ -220,7 +224,7 @@ class MoaCacheLayer(CacheLayerMixin):
         append_token: ``moa_fused.append_token``. A single token never evicts a key of its own window, so
         the slot is the position's (the trash slot for padding).
         """
-        if not self.is_initialized:
+        if self._needs_storage(key):
             self.lazy_initialization(key, value)
         self.seq_len += 1
         self.reserve(self.seq_len)
@@ -261,6 +265,7 @@ class MoaCache(Cache):
             for alpha, beta in zip(plan["alpha"], plan["beta"], strict=True)
         ]
         super().__init__(layers=layers)
+        self.made_by_generate = False  # set by generate() for the cache it creates (its graph ends with the call)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -158,7 +158,9 @@ class GraphedDecodeStep:
     step of a cache runs eagerly through the fixed input buffers (kernels compile), the second is captured,
     later ones copy token / position / padding into the buffers and replay. The graph follows the cache's
     tensors (``storage_version``); a new cache or a reallocated one is captured again, and only one graph is
-    held. With ``cuda_graph=False`` (CPU tests) every step runs eagerly through the same buffers.
+    held, until the cache is freed or ``release()``. A cache that is ``reset()`` and used again keeps its graph:
+    the decode kernels take lengths and positions from the device. With ``cuda_graph=False`` (CPU tests) every
+    step runs eagerly through the same buffers.
     """
 
     def __init__(self, model, cuda_graph: bool | None = None):
@@ -166,11 +168,20 @@ class GraphedDecodeStep:
         self.cuda_graph = cuda_graph
         self.steps = 0  # one-token steps served through the buffers (eager or replayed)
         self.replays = 0  # of which graph replays (tests and benchmarks read both)
+        self.states = 0  # buffer sets made (each graphed one is warmed up and captured once)
         self._state: dict | None = None
 
-    def release(self) -> None:
-        """Drop the graph, its memory pool and the buffers."""
-        self._state = None
+    def release(self, unless_passed_in: bool = False) -> None:
+        """Drop the graph, its memory pool and the buffers; with ``unless_passed_in``, only when they belong to a
+        cache that generate() made (a cache the user passed in keeps its graph for the next call on it: a new turn,
+        or a new prompt after ``cache.reset()``; they go when that cache is freed)."""
+        cache = self._state["cache"]() if self._state is not None else None
+        if not unless_passed_in or cache is None or getattr(cache, "made_by_generate", False):
+            self._state = None
+
+    def _cache_freed(self, ref) -> None:
+        if self._state is not None and self._state["cache"] is ref:
+            self._state = None
 
     def __call__(self, *args, **kwargs):
         key = None if args else self._step_key(kwargs)
@@ -230,9 +241,11 @@ class GraphedDecodeStep:
         cache = kwargs.get("past_key_values") if cache is None else cache
         graphed = ids.device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
         self._state = None  # free the previous graph's pool before buffers of the new one are made
+        self.states += 1
         return {
             "key": key,
-            "cache": weakref.ref(cache),  # the graph must not keep a finished generation's cache alive
+            # the graph must not keep a cache alive; when the cache goes, its graph and buffers go too
+            "cache": weakref.ref(cache, self._cache_freed),
             "graphed": graphed,
             "graph": None,
             "warm": False,

@@ -219,15 +219,17 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
     graph-replayed, and the "compiled" forward is ``GraphedDecodeStep``, not ``torch.compile``. Graphs are used on
     one CUDA device unless ``generate(..., disable_compile=True)``; ``cache_implementation="dynamic"`` or a
     dynamic MoaCache passed in keeps eager steps (memory then follows the generation's length, not max_length).
+    A static MoaCache passed in keeps its graph after the call, so calls that reuse it skip the warm-up step and
+    the capture.
     """
 
     def generate(self, *args, **kwargs):
         try:
             return super().generate(*args, **kwargs)
-        finally:  # the graph and its memory pool belong to this call's cache
+        finally:
             step = self.__dict__.get("_moa_graphed_step")
             if step is not None:
-                step.release()
+                step.release(unless_passed_in=True)
 
     def _moa_graphs_wanted(self, generation_config) -> bool:
         """Whether generate() replays its decode steps from CUDA graphs (one CUDA device, not disabled)."""
@@ -254,6 +256,7 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
         static = kind == "static" or (kind is None and self._moa_graphs_wanted(generation_config))
         # max_cache_length is max_length - 1 (the last new token is never fed back); one slot more costs ~nothing
         model_kwargs[name] = MoaCache(self.config, max_cache_len=max_cache_length + 1 if static else None)
+        model_kwargs[name].made_by_generate = True  # its graph is released when generate() returns
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         cache = model_kwargs.get("cache")

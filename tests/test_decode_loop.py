@@ -116,6 +116,14 @@ def test_cuda_graph_loop_equals_eager_generate(monkeypatch, backend):
         )  # fmt: skip
         assert torch.equal(sampled, eager)
     assert step.replays == 38 + 2 * 10
+    cache = remote_module("moa_cache").MoaCache(moa.config, max_cache_len=ids.shape[1] + 40)
+    for _ in range(2):  # a cache passed in keeps its graph: the second call replays from its first step
+        cache.reset()
+        again = moa.generate(
+            ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, **{_cache_kw(moa): cache}
+        )  # fmt: skip
+        assert torch.equal(again, expected)
+    assert step.replays == 38 + 2 * 10 + 38 + 39
 
 
 def _graphs_on_cpu(monkeypatch, moa):
@@ -226,3 +234,23 @@ def test_generate_continues_a_conversation_on_a_static_cache_it_was_given(monkey
     graphed = conversation(cache_mod.MoaCache(moa.config, max_cache_len=64))
     assert torch.equal(graphed[0], eager[0]) and graphed[1] == eager[1] == 21 + 5 + 9 + 5
     assert step.steps == 4 + 5
+
+
+def test_a_static_cache_passed_in_keeps_its_buffers_across_calls(monkeypatch):
+    """generate() on a user's static cache, reset() between prompts: one buffer set (on CUDA, one warm-up and one
+    capture) serves every call; a batch of another size after reset() gets new storage and new buffers."""
+    dense = build_dense("qwen2", 4, seed=16)
+    moa = build_moa(dense, random_plan(2, 4, seed=16))
+    step = _graphs_on_cpu(monkeypatch, moa)
+    cache = remote_module("moa_cache").MoaCache(moa.config, max_cache_len=48)
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=7, min_new_tokens=7)
+    for seed, lengths in ((1, (31, 18, 25)), (2, (30, 29, 12)), (3, (20, 33))):
+        ids, mask = _padded_batch(seed, lengths)
+        eager = moa.generate(ids, attention_mask=mask, disable_compile=True, **kw)
+        cache.reset()
+        graphed = moa.generate(ids, attention_mask=mask, **{_cache_kw(moa): cache}, **kw)
+        assert torch.equal(graphed, eager)
+    assert step.steps == 3 * 6
+    assert step.states == 2  # the two 3-row prompts shared one; the 2-row prompt needed its own
+    del cache
+    assert step._state is None  # freed with the cache
