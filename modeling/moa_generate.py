@@ -179,6 +179,16 @@ class GraphedDecodeStep:
         if not unless_passed_in or cache is None or getattr(cache, "made_by_generate", False):
             self._state = None
 
+    def release_if_weights_moved(self) -> None:
+        """Drop a kept graph whose weights or buffers no longer live where it was captured (``model.to()``,
+        ``save_pretrained`` splitting joined projections, weights reassigned): replaying it would read freed memory.
+        generate() calls this first; weights cannot move during a call."""
+        if self._state is not None and self._state["weights"] != self._weights():
+            self._state = None
+
+    def _weights(self) -> tuple:
+        return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+
     def _cache_freed(self, ref) -> None:
         if self._state is not None and self._state["cache"] is ref:
             self._state = None
@@ -253,6 +263,7 @@ class GraphedDecodeStep:
             "positions": torch.zeros_like(ids),
             "valid": torch.ones_like(ids),
             "keep": key[2],
+            "weights": self._weights(),
         }
 
     def _load_inputs(self, state: dict, kwargs: dict) -> None:

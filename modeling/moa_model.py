@@ -224,6 +224,9 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
     """
 
     def generate(self, *args, **kwargs):
+        step = self.__dict__.get("_moa_graphed_step")
+        if step is not None:
+            step.release_if_weights_moved()  # a graph kept with a cache from an earlier call
         try:
             return super().generate(*args, **kwargs)
         finally:

@@ -105,5 +105,6 @@ def test_decode_table_configs_fit_hopper_shared_memory(tmp_path):
 def test_bench_generate_smoke(tmp_path):
     run_script(["benchmarks/bench_generate.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
     rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
-    assert [r["method"] for r in rows[:5]] == ["hf-dynamic", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate"]
+    methods = ["hf-dynamic", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate"]
+    assert [r["method"] for r in rows[:5]] == methods
     assert all("error" not in r and r["ms_per_token"] > 0 for r in rows), rows

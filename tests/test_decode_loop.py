@@ -252,5 +252,9 @@ def test_a_static_cache_passed_in_keeps_its_buffers_across_calls(monkeypatch):
         assert torch.equal(graphed, eager)
     assert step.steps == 3 * 6
     assert step.states == 2  # the two 3-row prompts shared one; the 2-row prompt needed its own
+    moa.to(torch.float64).to(torch.float32)  # every weight moves: the kept buffers (on CUDA, a graph) must go
+    cache.reset()
+    assert torch.equal(moa.generate(ids, attention_mask=mask, **{_cache_kw(moa): cache}, **kw), eager)
+    assert step.states == 3
     del cache
     assert step._state is None  # freed with the cache
