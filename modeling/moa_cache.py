@@ -269,3 +269,9 @@ class MoaCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def planned_nbytes(self, rows: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes this cache allocates for ``rows`` rows when it is first written (a static cache: all it will use):
+        keys and values, plus the int32 position of every slot."""
+        slots = sum(sum(layer.planned_capacity(g, 1) for g in range(layer.num_heads)) + 1 for layer in self.layers)
+        return rows * slots * (2 * head_dim * torch.empty((), dtype=dtype).element_size() + 4)

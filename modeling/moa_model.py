@@ -16,7 +16,7 @@ import inspect
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .moa_attention import fused_kernels, moa_attention, select_backend
+from .moa_attention import _warn_once, fused_kernels, moa_attention, select_backend
 from .moa_cache import MoaCache
 from .moa_generate import GraphedDecodeStep, greedy_generate
 from .moa_projections import SplitBeforeSaving, joined_linear
@@ -210,6 +210,10 @@ def _fused_mlp(fused, mlp, normed: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(act)
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class MoaForCausalLMMixin(SplitBeforeSaving):
     """generate() with a MoaCache; on CUDA a static one and decode steps replayed from a CUDA graph.
 
@@ -256,10 +260,32 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
                 "of the heads' spans. Leave cache_implementation unset, or pick 'static' (sized for max_length) or "
                 "'dynamic' (grows with the text)."
             )
-        static = kind == "static" or (kind is None and self._moa_graphs_wanted(generation_config))
         # max_cache_length is max_length - 1 (the last new token is never fed back); one slot more costs ~nothing
-        model_kwargs[name] = MoaCache(self.config, max_cache_len=max_cache_length + 1 if static else None)
+        static = MoaCache(self.config, max_cache_len=max_cache_length + 1)
+        if kind is None and self._moa_graphs_wanted(generation_config):
+            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            if not self._static_cache_fits(static, rows):
+                static = None  # a dynamic cache grows only as far as the text goes (and the steps run eagerly)
+        elif kind != "static":
+            static = None
+        model_kwargs[name] = static if static is not None else MoaCache(self.config)
         model_kwargs[name].made_by_generate = True  # its graph is released when generate() returns
+
+    def _static_cache_fits(self, cache: MoaCache, rows: int) -> bool:
+        """Whether a static cache for ``rows`` rows takes at most 80% of the device's free memory; else warn once."""
+        free = self._moa_free_bytes()
+        need = cache.planned_nbytes(rows, _head_dim(self.config), self.dtype)
+        if free is None or need <= 0.8 * free:
+            return True
+        _warn_once(
+            f"generate() would need {need / 2**30:.1f} GiB for a static MoA cache of {rows} rows x max_length "
+            f"{cache.layers[0].max_cache_len - 1} tokens, more than 80% of the {free / 2**30:.1f} GiB free: it uses a "
+            "dynamic cache and eager decode steps instead. Lower max_new_tokens / max_length to get CUDA-graph steps."
+        )
+        return False
+
+    def _moa_free_bytes(self) -> int | None:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         cache = model_kwargs.get("cache")

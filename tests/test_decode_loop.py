@@ -258,3 +258,28 @@ def test_a_static_cache_passed_in_keeps_its_buffers_across_calls(monkeypatch):
     assert step.states == 3
     del cache
     assert step._state is None  # freed with the cache
+
+
+def test_generate_falls_back_to_a_dynamic_cache_when_a_static_one_would_not_fit(monkeypatch):
+    dense = build_dense("llama", 2, seed=17)
+    moa = build_moa(dense, random_plan(2, 2, seed=17))
+    step = _graphs_on_cpu(monkeypatch, moa)
+    ids, mask = _padded_batch(17)
+    cache_mod = remote_module("moa_cache")
+    static = cache_mod.MoaCache(moa.config, max_cache_len=ids.shape[1] + 5)  # what generate() makes for 5 tokens
+    need = static.planned_nbytes(3, moa.config.hidden_size // moa.config.num_attention_heads, moa.dtype)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    monkeypatch.setattr(type(moa), "_moa_free_bytes", lambda self: int(need / 0.8) + 1)  # just fits
+    roomy = moa.generate(ids, **kw)
+    assert roomy.past_key_values.layers[0].max_cache_len == ids.shape[1] + 5
+    with torch.no_grad():  # what planned_nbytes promised is what the cache allocated
+        layers = roomy.past_key_values.layers
+        assert need == sum(
+            layer.keys.numel() * 2 * layer.keys.element_size() + layer.slot_pos.numel() * 4 for layer in layers
+        )
+    monkeypatch.setattr(type(moa), "_moa_free_bytes", lambda self: int(need / 0.8) - 1)
+    with pytest.warns(RuntimeWarning, match="dynamic cache and eager decode steps"):
+        tight = moa.generate(ids, **kw)
+    assert tight.past_key_values.layers[0].max_cache_len is None
+    assert torch.equal(tight.sequences, roomy.sequences)
+    assert step.steps == 4  # only the static call went through the graphed step
