@@ -11,7 +11,9 @@ same weights, all through the models' public forward / generate() with their cac
 - ``moa-50`` / ``moa-25``: the MoA model (remote code, Triton kernels, static MoaCache) decoding with
   ``MoaDecodeLoop`` (one CUDA graph per step, no host sync per token); plans mix 2 local heads and 6 long heads
   per layer, scaled to 50% / 25% KV density at context + new tokens;
-- ``uniform-50``: sink + one window per head at the same density, same kernels and loop.
+- ``uniform-50``: sink + one window per head at the same density, same kernels and loop;
+- ``moa-50-generate`` (and ``moa-25-generate``, ``uniform-50-generate``): the same plan and cache, decoding through
+  the model's own ``generate()`` (graph-replayed steps inside transformers' loop), timed like the dense methods.
 
 Decode throughput for "N+T" (context N, T new tokens) is measured at each method's largest batch that fits
 with a cache for N+T tokens, over ``--steps`` steps taken at the midpoint context N + T/2 (decode cost grows
@@ -270,6 +272,14 @@ def run_moa(moa, cache1, first, bsz: int, *, steps: int, repeats: int):
     return time_steps(lambda: loop.run(warm), loop.run, steps, repeats)  # warm: eager step, capture, replay
 
 
+def run_moa_generate(moa, cache1, prompt, bsz: int, *, steps: int, repeats: int):
+    """The same decode through the model's own generate() (graphed steps; the cache is passed in, so its graph is
+    kept from the warm-up call on), timed like the dense methods."""
+    cache = expand_rows(cache1, bsz)
+    ids = torch.cat([prompt, prompt[:, -1:]], dim=1).expand(bsz, -1)  # the cache holds the prompt; 1 token to feed
+    return time_generate(moa, cache, ids, steps, repeats)
+
+
 def with_oom_retry(fn, bsz: int, tries: int = 4):
     """Run fn(bsz); on out-of-memory retry with 85% of the batch (fragmentation, graph pools)."""
     for attempt in range(tries):
@@ -352,7 +362,7 @@ def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weig
                 dyn = dyn if dyn is not None else to_host(dense_prefill(dense, prompt))
                 cache1, plan = dyn, None
             else:
-                plan = plan_of[method]
+                plan = plan_of[method.removesuffix("-generate")]
                 set_plan(moa, plan)
                 cache1, first = moa_prefill(moa, prompt, total)
                 cache1 = to_host(cache1)
@@ -363,6 +373,8 @@ def run_context(dense, moa, context: int, new: int, args, copy_gbps: float, weig
             timing = dict(steps=args.steps, repeats=args.repeats)
             if method.startswith("hf-"):
                 fn = functools.partial(run_dense, dense, method, cache1, prompt, total=total, **timing)
+            elif method.endswith("-generate"):
+                fn = functools.partial(run_moa_generate, moa, cache1, prompt, **timing)
             else:
                 fn = functools.partial(run_moa, moa, cache1, first, **timing)
             (times, warm_s), bsz = with_oom_retry(fn, bsz)
