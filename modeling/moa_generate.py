@@ -25,6 +25,12 @@ import torch
 from .moa_cache import MoaCache
 
 
+def cache_in(kwargs: dict):
+    """The cache in forward / generate kwargs, under either name ('cache' from transformers 5.24 on)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def _forward_kwargs(model, cache: MoaCache) -> dict:
     from .moa_model import cache_argument
 
@@ -230,8 +236,7 @@ class GraphedDecodeStep:
             return None
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             return None
-        cache = kwargs.get("cache")
-        cache = kwargs.get("past_key_values") if cache is None else cache
+        cache = cache_in(kwargs)
         if not isinstance(cache, MoaCache):
             return None
         first = cache.layers[0]
@@ -247,8 +252,7 @@ class GraphedDecodeStep:
 
     def _new_state(self, key, kwargs: dict) -> dict:
         ids = kwargs["input_ids"]
-        cache = kwargs.get("cache")
-        cache = kwargs.get("past_key_values") if cache is None else cache
+        cache = cache_in(kwargs)
         graphed = ids.device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
         self._state = None  # free the previous graph's pool before buffers of the new one are made
         self.states += 1

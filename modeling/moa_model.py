@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .moa_attention import _warn_once, fused_kernels, moa_attention, select_backend
 from .moa_cache import MoaCache
-from .moa_generate import GraphedDecodeStep, greedy_generate
+from .moa_generate import GraphedDecodeStep, cache_in, greedy_generate
 from .moa_projections import SplitBeforeSaving, joined_linear
 
 
@@ -288,8 +288,7 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
-        cache = model_kwargs.get("cache")
-        cache = model_kwargs.get("past_key_values") if cache is None else cache
+        cache = cache_in(model_kwargs)
         if not isinstance(cache, MoaCache):
             return False  # the forward replaces an empty foreign cache with a MoaCache, and never compiles
         return cache.layers[0].max_cache_len is not None and self._moa_graphs_wanted(generation_config)
