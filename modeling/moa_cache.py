@@ -274,4 +274,4 @@ class MoaCache(Cache):
         """Bytes this cache allocates for ``rows`` rows when it is first written (a static cache: all it will use):
         keys and values, plus the int32 position of every slot."""
         slots = sum(sum(layer.planned_capacity(g, 1) for g in range(layer.num_heads)) + 1 for layer in self.layers)
-        return rows * slots * (2 * head_dim * torch.empty((), dtype=dtype).element_size() + 4)
+        return rows * slots * (2 * head_dim * dtype.itemsize + 4)

@@ -149,10 +149,11 @@ def _capture(fn, cache: MoaCache):
     return graph, output
 
 
-# forward arguments a graph-replayed step understands; any other one given (not None / False) runs eagerly
+# forward arguments a graph-replayed step understands; any other one given (not None / False, e.g.
+# output_hidden_states=True) runs eagerly
 _STEP_ARGUMENTS = frozenset(
     ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
-     "return_dict", "cache_position", "output_attentions", "output_hidden_states")
+     "return_dict", "cache_position")
 )  # fmt: skip
 
 
@@ -233,8 +234,6 @@ class GraphedDecodeStep:
         if any(
             name not in _STEP_ARGUMENTS and value is not None and value is not False for name, value in kwargs.items()
         ):
-            return None
-        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             return None
         cache = cache_in(kwargs)
         if not isinstance(cache, MoaCache):
