@@ -15,6 +15,9 @@ density at the case's context):
   so the graph captured in the warm-up is replayed from the first step of every call;
 - ``moa_generate``: ``model.moa_generate()``, greedy, the whole step (pick and stop check too) in the graph.
 
+With ``--num-beams K`` (> 1) every ``generate()`` method runs beam search over K beams per row instead (batch x K
+cache rows); ``moa_generate`` is greedy only and is refused then.
+
 Each repeat times generate() for 1, 1 + T and 1 + 2T new tokens (greedy, no early stop). ``ms_per_token`` is
 (t(1 + 2T) - t(1)) / 2T, so the prefill drops out and a graph capture per call is spread over the tokens;
 ``steady_ms`` is (t(1 + 2T) - t(1 + T)) / T, after the capture. Medians over repeats.
@@ -59,8 +62,8 @@ def reusable_cache(model, max_cache_len: int):
     return _REUSED[key]
 
 
-def call(model, method: str, ids: torch.Tensor, new: int) -> float:
-    """Seconds of one generate() of ``new`` tokens (greedy, exactly ``new``)."""
+def call(model, method: str, ids: torch.Tensor, new: int, beams: int = 1) -> float:
+    """Seconds of one generate() of ``new`` tokens (greedy, or beam search over ``beams``; exactly ``new``)."""
     sync()
     start = time.perf_counter()
     with torch.no_grad():
@@ -74,20 +77,22 @@ def call(model, method: str, ids: torch.Tensor, new: int) -> float:
                 cache = reusable_cache(model, ids.shape[1] + STATIC_ROOM)
                 cache.reset()
                 extra = {cache_argument(type(model).forward): cache}
+            if beams > 1:
+                extra["num_beams"] = beams
             model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
     sync()
     return time.perf_counter() - start
 
 
-def measure(model, method: str, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
-    call(model, method, ids, 3)  # warm-up: kernels compile, the allocator settles
+def measure(model, method: str, ids: torch.Tensor, tokens: int, repeats: int, beams: int = 1) -> dict:
+    call(model, method, ids, 3, beams)  # warm-up: kernels compile, the allocator settles
     per_token, steady, peak = [], [], 0
     for _ in range(repeats):
-        first = call(model, method, ids, 1)
-        mid = call(model, method, ids, 1 + tokens)
+        first = call(model, method, ids, 1, beams)
+        mid = call(model, method, ids, 1 + tokens, beams)
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
-        full = call(model, method, ids, 1 + 2 * tokens)
+        full = call(model, method, ids, 1 + 2 * tokens, beams)
         if CUDA:
             peak = max(peak, torch.cuda.max_memory_allocated())
         per_token.append((full - first) / (2 * tokens) * 1e3)
@@ -110,6 +115,7 @@ def parse_args():
     parser.add_argument("--methods", default="hf-dynamic,moa-eager,moa-graph,moa-graph-reuse,moa_generate")
     parser.add_argument("--tokens", type=int, default=32, help="T: generate() runs 1, 1+T and 1+2T tokens")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-beams", type=int, default=1, help="> 1: beam search in every generate() method")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     args = parser.parse_args()
     if args.smoke:
@@ -118,6 +124,10 @@ def parse_args():
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}: pick from {', '.join(METHODS)}")
+    if args.num_beams < 1:
+        parser.error(f"--num-beams {args.num_beams}: give 1 (greedy) or more beams")
+    if args.num_beams > 1 and "moa_generate" in args.methods:
+        parser.error("moa_generate is greedy only: leave it out of --methods with --num-beams > 1")
     return args
 
 
@@ -141,11 +151,11 @@ def main() -> None:
         for method in args.methods:
             model = dense if method.startswith("hf-") else moa
             try:
-                row = measure(model, method, ids, args.tokens, args.repeats)
+                row = measure(model, method, ids, args.tokens, args.repeats, args.num_beams)
             except torch.cuda.OutOfMemoryError as err:
                 row = dict(error=f"out of memory: {str(err)[:200]}")
             cleanup()
-            result["rows"].append(dict(context=context, batch=bsz, method=method, **row))
+            result["rows"].append(dict(context=context, batch=bsz, beams=args.num_beams, method=method, **row))
             log(json.dumps(result["rows"][-1]))
             (args.out / "generate.json").write_text(json.dumps(result, indent=2))
     print_table(result["rows"])
@@ -153,18 +163,21 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        "\n| context | batch | method | ms / token (2T, capture included) | steady ms / token | x hf-dynamic | peak GiB |"
+        "\n| context | batch | beams | method | ms / token (2T, capture included) | steady ms / token | x hf-dynamic "
+        "| peak GiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         base = next((r for r in rows if r["method"] == "hf-dynamic" and r["context"] == row["context"]
                      and r["batch"] == row["batch"] and "error" not in r), None)  # fmt: skip
         if "error" in row:
-            print(f"| {row['context']} | {row['batch']} | {row['method']} | {row['error'][:40]} | | | |")
+            print(
+                f"| {row['context']} | {row['batch']} | {row['beams']} | {row['method']} | {row['error'][:40]} | | | |"
+            )
             continue
         ratio = f"{base['ms_per_token'] / row['ms_per_token']:.2f}" if base else ""
-        print(f"| {row['context']} | {row['batch']} | {row['method']} | {row['ms_per_token']} | {row['steady_ms']} | "
-              f"{ratio} | {row.get('peak_GiB', '')} |")  # fmt: skip
+        print(f"| {row['context']} | {row['batch']} | {row['beams']} | {row['method']} | {row['ms_per_token']} | "
+              f"{row['steady_ms']} | {ratio} | {row.get('peak_GiB', '')} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,6 +35,41 @@ def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+_ROW_TENSORS = ("keys", "values", "slot_pos", "next_pos")
+
+
+def move_rows(tensors: list[torch.Tensor], source: list[int]) -> None:
+    """Row ``d`` of every tensor becomes its row ``source[d]``, all at once and in place (what
+    ``t.copy_(t[source])`` gives), moving only the rows that change, each once.
+
+    Beam search reorders the cache after every step, mostly by copying a few beams over others, so copying the
+    whole cache twice (gather, then copy back) would cost more than the step's attention. Copies run in waves: a
+    wave writes rows that no pending copy still reads, every tensor's rows of a wave in one ``_foreach_copy_`` per
+    dtype. A cycle (beams that swap) sets one row aside first.
+    """
+    pending = {row: src for row, src in enumerate(source) if row != src}
+    if any(not 0 <= src < len(source) for src in pending.values()):
+        raise IndexError(f"row indices {source} out of range for {len(source)} rows")
+    aside: dict[int, list[torch.Tensor]] = {}  # row -> its old contents, one per tensor
+    while pending:
+        read = set(pending.values())
+        wave = [(row, src) for row, src in pending.items() if row not in read]
+        if not wave:  # only cycles are left: keep one of their rows aside, then it may be overwritten
+            row = next(iter(pending))
+            aside[row] = [t[row].clone() for t in tensors]
+            pending = {dst: (~row if src == row else src) for dst, src in pending.items()}  # ~row: read from aside
+            continue
+        for dtype in {t.dtype for t in tensors}:
+            dst, src = [], []
+            for i, t in enumerate(tensors):
+                if t.dtype == dtype:
+                    dst += [t[row] for row, _ in wave]
+                    src += [t[s] if s >= 0 else aside[~s][i] for _, s in wave]
+            torch._foreach_copy_(dst, src)
+        for row, _ in wave:
+            del pending[row]
+
+
 class MoaCacheLayer(CacheLayerMixin):
     """The ragged per-head cache of one decoder layer."""
 
@@ -111,17 +146,23 @@ class MoaCacheLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            indices = indices.to(self.device)
-            # a static cache keeps its addresses (a captured decode step stays valid through beam reordering)
-            in_place = self.max_cache_len is not None and indices.shape[0] == self.keys.shape[0]
-            for name in ("keys", "values", "slot_pos", "next_pos"):
-                chosen = getattr(self, name).index_select(0, indices)
-                if in_place:
-                    getattr(self, name).copy_(chosen)
-                else:
-                    setattr(self, name, chosen)
-            self.storage_version += 0 if in_place else 1
+        if not self.is_initialized:
+            return
+        if self._reorders_in_place(indices):  # a captured decode step stays valid through beam reordering
+            move_rows(self.row_tensors(), indices.tolist())
+            return
+        indices = indices.to(self.device)
+        for name in _ROW_TENSORS:
+            setattr(self, name, getattr(self, name)[indices])  # a gather (index_select is slow for a few long rows)
+        self.storage_version += 1
+
+    def _reorders_in_place(self, indices: torch.Tensor) -> bool:
+        """Whether selecting ``indices`` keeps this layer's tensors (a static cache, as many rows as before)."""
+        return self.is_initialized and self.max_cache_len is not None and indices.shape[0] == self.keys.shape[0]
+
+    def row_tensors(self) -> list[torch.Tensor]:
+        """The tensors holding one row per sequence (batch dim first)."""
+        return [getattr(self, name) for name in _ROW_TENSORS]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -269,6 +310,14 @@ class MoaCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reorder after each step. A static cache's rows move in place, for all layers at once
+        (a few batched copies of the rows that change; a captured decode step stays valid)."""
+        if all(layer._reorders_in_place(beam_idx) for layer in self.layers):
+            move_rows([t for layer in self.layers for t in layer.row_tensors()], beam_idx.tolist())
+        else:
+            super().reorder_cache(beam_idx)
 
     def planned_nbytes(self, rows: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes this cache allocates for ``rows`` rows when it is first written (a static cache: all it will use):

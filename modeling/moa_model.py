@@ -293,6 +293,29 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
             return False  # the forward replaces an empty foreign cache with a MoaCache, and never compiles
         return cache.layers[0].max_cache_len is not None and self._moa_graphs_wanted(generation_config)
 
+    def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                     **model_kwargs):  # fmt: skip
+        """transformers' beam search calls the model itself, never a compiled forward: while it runs, the model's own
+        calls go through the graphed step as the other decoding modes' steps do (its one-token steps over a static
+        MoaCache replay; the prompt and anything else run the plain forward). Beams are reordered in place."""
+        if self._valid_auto_compile_criteria(model_kwargs, generation_config):
+            self.__dict__["_moa_step_route"] = self.get_compiled_call(generation_config.compile_config)
+        try:
+            return super()._beam_search(
+                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs
+            )
+        finally:
+            self.__dict__.pop("_moa_step_route", None)
+
+    def __call__(self, *args, **kwargs):
+        route = self.__dict__.pop("_moa_step_route", None)
+        if route is None:
+            return super().__call__(*args, **kwargs)
+        try:
+            return route(*args, **kwargs)  # what the route does not replay calls the model again, unrouted
+        finally:
+            self.__dict__["_moa_step_route"] = route
+
     def get_compiled_call(self, compile_config=None):
         """The forward generate() uses for decode steps: ``GraphedDecodeStep`` (CUDA graphs, not torch.compile)."""
         step = self.__dict__.get("_moa_graphed_step")

@@ -124,6 +124,12 @@ def test_cuda_graph_loop_equals_eager_generate(monkeypatch, backend):
         )  # fmt: skip
         assert torch.equal(again, expected)
     assert step.replays == 38 + 2 * 10 + 38 + 39
+    # beam search: transformers calls the model itself for its steps; they replay too, beams reordered in place
+    beams = dict(max_new_tokens=20, min_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
+    eager = moa.generate(ids, attention_mask=mask, disable_compile=True, **beams)
+    steps, replays = step.steps, step.replays
+    assert torch.equal(moa.generate(ids, attention_mask=mask, **beams), eager)
+    assert (step.steps - steps, step.replays - replays) == (19, 18)
 
 
 def _graphs_on_cpu(monkeypatch, moa):
@@ -137,8 +143,8 @@ def _graphs_on_cpu(monkeypatch, moa):
 @pytest.mark.parametrize(
     "options, graphed_steps",
     [(dict(do_sample=False), 8), (dict(do_sample=True, top_k=20, temperature=0.9), 8),
-     (dict(do_sample=False, num_beams=3), 0)],  # transformers' beam search never asks for a compiled forward
-    ids=["greedy", "sample", "beams"],
+     (dict(do_sample=False, num_beams=3), 8), (dict(do_sample=True, num_beams=2, top_k=20), 8)],
+    ids=["greedy", "sample", "beams", "beam-sample"],
 )  # fmt: skip
 def test_generate_decode_steps_go_through_the_graphed_step(monkeypatch, options, graphed_steps):
     dense = build_dense("llama", 2, seed=12)
@@ -211,6 +217,30 @@ def test_graphed_step_follows_a_new_cache_and_reordered_rows(monkeypatch):
     assert torch.allclose(got, plain[order], atol=1e-5)  # rows moved with their cache rows
     assert torch.allclose(other, plain, atol=1e-5)
     assert [cache.get_seq_length() for cache in caches] == [ids.shape[1] + 1] * 3
+
+
+def test_move_rows_equals_a_gather_and_moves_each_changed_row_once(monkeypatch):
+    """Every row order of up to 4 rows (repeats, cycles, identity): the result of t.copy_(t[source]), the same
+    storage, and one row copy per row that changes."""
+    import itertools
+
+    move_rows = remote_module("moa_cache").move_rows
+    copied = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (copied.append(len(dst)), real_copy(dst, src)))
+    for rows in range(1, 5):
+        for source in itertools.product(range(rows), repeat=rows):
+            tensors = [torch.randn(rows, 5, 3), torch.randint(-1, 99, (rows, 7), dtype=torch.int32), torch.arange(rows)]
+            expected = [t[list(source)] for t in tensors]
+            storage = [t.data_ptr() for t in tensors]
+            copied.clear()
+            move_rows(tensors, list(source))
+            assert all(torch.equal(t, e) for t, e in zip(tensors, expected, strict=True)), source
+            assert [t.data_ptr() for t in tensors] == storage
+            changed = sum(src != row for row, src in enumerate(source))
+            assert sum(copied) == 3 * changed, source  # 3 tensors, each changed row once (a cycle's aside: a clone)
+    with pytest.raises(IndexError, match=r"row indices \[0, 3\] out of range for 2 rows"):
+        move_rows([torch.zeros(2, 3)], [0, 3])
 
 
 def test_generate_continues_a_conversation_on_a_static_cache_it_was_given(monkeypatch):
