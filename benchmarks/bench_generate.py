@@ -13,14 +13,17 @@ density at the case's context):
   (``GraphedDecodeStep``, through transformers' compiled-forward hook);
 - ``moa-graph-reuse``: the same, on one static MoaCache the caller passes in and ``reset()``s before each call,
   so the graph captured in the warm-up is replayed from the first step of every call;
-- ``moa_generate``: ``model.moa_generate()``, greedy, the whole step (pick and stop check too) in the graph.
+- ``moa_generate``: ``model.moa_generate()``, greedy, the whole step (pick and stop check too) in the graph;
+- ``moa-graph-each-row``: ``moa-graph`` with the prefill run on every repeated prompt row (as transformers does, and
+  as MoA did before its prefill ran each prompt once for beams / ``num_return_sequences``), for comparison.
 
 With ``--num-beams K`` (> 1) every ``generate()`` method runs beam search over K beams per row instead (batch x K
 cache rows); ``moa_generate`` is greedy only and is refused then.
 
 Each repeat times generate() for 1, 1 + T and 1 + 2T new tokens (greedy, no early stop). ``ms_per_token`` is
 (t(1 + 2T) - t(1)) / 2T, so the prefill drops out and a graph capture per call is spread over the tokens;
-``steady_ms`` is (t(1 + 2T) - t(1 + T)) / T, after the capture. Medians over repeats.
+``steady_ms`` is (t(1 + 2T) - t(1 + T)) / T, after the capture; ``first_token_s`` is t(1), the prefill and the
+first token. Medians over repeats.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from moa_hub.remote import remote_module  # noqa: E402
 MoaCache = remote_module("moa_cache").MoaCache
 cache_argument = remote_module("moa_model").cache_argument
 
-METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate")
+METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate", "moa-graph-each-row")
 
 
 STATIC_ROOM = 1024  # new tokens hf-static's one cache size allows
@@ -79,14 +82,19 @@ def call(model, method: str, ids: torch.Tensor, new: int, beams: int = 1) -> flo
                 extra = {cache_argument(type(model).forward): cache}
             if beams > 1:
                 extra["num_beams"] = beams
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
+            if method == "moa-graph-each-row":
+                model.__dict__["_moa_repeated_prompt_rows"] = lambda *args: None  # the prefill runs every row
+            try:
+                model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **extra)
+            finally:
+                model.__dict__.pop("_moa_repeated_prompt_rows", None)
     sync()
     return time.perf_counter() - start
 
 
 def measure(model, method: str, ids: torch.Tensor, tokens: int, repeats: int, beams: int = 1) -> dict:
     call(model, method, ids, 3, beams)  # warm-up: kernels compile, the allocator settles
-    per_token, steady, peak = [], [], 0
+    per_token, steady, firsts, peak = [], [], [], 0
     for _ in range(repeats):
         first = call(model, method, ids, 1, beams)
         mid = call(model, method, ids, 1 + tokens, beams)
@@ -96,8 +104,10 @@ def measure(model, method: str, ids: torch.Tensor, tokens: int, repeats: int, be
         if CUDA:
             peak = max(peak, torch.cuda.max_memory_allocated())
         per_token.append((full - first) / (2 * tokens) * 1e3)
+        firsts.append(first)
         steady.append((full - mid) / tokens * 1e3)
     row = dict(ms_per_token=round(statistics.median(per_token), 3), steady_ms=round(statistics.median(steady), 3),
+               first_token_s=round(statistics.median(firsts), 3),
                ms_per_token_all=[round(x, 3) for x in per_token], steady_ms_all=[round(x, 3) for x in steady])  # fmt: skip
     if CUDA:
         row["peak_GiB"] = round(peak / 2**30, 2)
@@ -164,20 +174,20 @@ def main() -> None:
 def print_table(rows: list[dict]) -> None:
     print(
         "\n| context | batch | beams | method | ms / token (2T, capture included) | steady ms / token | x hf-dynamic "
-        "| peak GiB |"
+        "| first token s | peak GiB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         base = next((r for r in rows if r["method"] == "hf-dynamic" and r["context"] == row["context"]
                      and r["batch"] == row["batch"] and "error" not in r), None)  # fmt: skip
         if "error" in row:
             print(
-                f"| {row['context']} | {row['batch']} | {row['beams']} | {row['method']} | {row['error'][:40]} | | | |"
+                f"| {row['context']} | {row['batch']} | {row['beams']} | {row['method']} | {row['error'][:40]} | | | | |"
             )
             continue
         ratio = f"{base['ms_per_token'] / row['ms_per_token']:.2f}" if base else ""
         print(f"| {row['context']} | {row['batch']} | {row['beams']} | {row['method']} | {row['ms_per_token']} | "
-              f"{row['steady_ms']} | {ratio} | {row.get('peak_GiB', '')} |")  # fmt: skip
+              f"{row['steady_ms']} | {ratio} | {row['first_token_s']} | {row.get('peak_GiB', '')} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -214,6 +214,10 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+# generate()'s per-row inputs of a prefill that _prefill knows to cut to one row per repeated prompt
+_PER_ROW_INPUTS = ("attention_mask", "position_ids")
+
+
 class MoaForCausalLMMixin(SplitBeforeSaving):
     """generate() with a MoaCache; on CUDA a static one and decode steps replayed from a CUDA graph.
 
@@ -292,6 +296,47 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
         if not isinstance(cache, MoaCache):
             return False  # the forward replaces an empty foreign cache with a MoaCache, and never compiles
         return cache.layers[0].max_cache_len is not None and self._moa_graphs_wanted(generation_config)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
+        """The prompt once per group of identical rows. generate() repeats every prompt ``num_beams`` (or
+        ``num_return_sequences``) times before its prefill; here the first row of each group is prefilled and the
+        cache rows and logits are repeated, so beams cost one prompt's prefill, not ``num_beams``."""
+        repeats = self._moa_repeated_prompt_rows(input_ids, generation_config, model_kwargs)
+        if repeats is None:
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        kwargs = {
+            name: value[::repeats] if name in _PER_ROW_INPUTS and value is not None else value
+            for name, value in model_kwargs.items()
+        }
+        outputs = super()._prefill(input_ids[::repeats], generation_config, kwargs, is_first_iteration)
+        cache_in(model_kwargs).batch_repeat_interleave(repeats)
+        outputs.logits = outputs.logits.repeat_interleave(repeats, dim=0)
+        return outputs
+
+    def _moa_repeated_prompt_rows(self, input_ids, generation_config, model_kwargs) -> int | None:
+        """How many times generate() repeated each prompt row, when the prefill can run each prompt once: an empty
+        MoaCache, only per-row inputs known to be cut, every group of rows equal, no other outputs asked for; else
+        None (the prefill then runs every row)."""
+        repeats = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        cache = cache_in(model_kwargs)
+        if repeats == 1 or input_ids.dim() != 2 or input_ids.shape[0] % repeats or not isinstance(cache, MoaCache):
+            return None
+        if cache.get_seq_length():
+            return None
+        if generation_config.output_attentions or generation_config.output_hidden_states:
+            return None
+        rows = input_ids.shape[0]
+        per_row = [input_ids]
+        for name, value in model_kwargs.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                if name not in _PER_ROW_INPUTS:
+                    return None  # an input this does not know how to split (inputs_embeds, ...)
+                per_row.append(value)
+        for tensor in per_row:
+            groups = tensor.reshape(rows // repeats, repeats, -1)
+            if not torch.equal(groups, groups[:, :1].expand_as(groups)):
+                return None
+        return repeats
 
     def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                      **model_kwargs):  # fmt: skip

@@ -313,3 +313,38 @@ def test_generate_falls_back_to_a_dynamic_cache_when_a_static_one_would_not_fit(
     assert tight.past_key_values.layers[0].max_cache_len is None
     assert torch.equal(tight.sequences, roomy.sequences)
     assert step.steps == 4  # only the static call went through the graphed step
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphed"])
+def test_beams_and_return_sequences_prefill_each_prompt_once(monkeypatch, graphs):
+    """generate() repeats every prompt num_beams / num_return_sequences times; the prefill runs each prompt once
+    and repeats its cache rows and logits: the same sequences as prefilling every repeat."""
+    dense = build_dense("llama", 2, seed=15)
+    moa = build_moa(dense, random_plan(2, 2, seed=15))
+    ids, mask = _padded_batch(15)
+    if graphs:
+        _graphs_on_cpu(monkeypatch, moa)
+    widths = []
+    moa.model.embed_tokens.register_forward_hook(lambda module, args, out: widths.append(tuple(args[0].shape)))
+    once = type(moa)._moa_repeated_prompt_rows
+    cases = [dict(num_beams=3, do_sample=False), dict(num_beams=2, num_return_sequences=2, do_sample=False),
+             dict(do_sample=True, top_k=20, num_return_sequences=3),
+             dict(num_beams=3, do_sample=False, prefill_chunk_size=8)]  # fmt: skip
+    for options in cases:
+        repeats = max(options.get("num_beams", 1), options.get("num_return_sequences", 1))
+        outs = []
+        for dedup in (True, False):
+            monkeypatch.setattr(type(moa), "_moa_repeated_prompt_rows", once if dedup else lambda *args: None)
+            widths.clear()
+            torch.manual_seed(0)
+            outs.append(moa.generate(
+                ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=0,
+                return_dict_in_generate=True, output_scores=True, **options,
+            ))  # fmt: skip
+            chunks = [min(8, ids.shape[1] - start) for start in range(0, ids.shape[1], 8)]
+            prefill = chunks if "prefill_chunk_size" in options else [ids.shape[1]]
+            rows = 3 * (1 if dedup else repeats)
+            assert widths[: len(prefill)] == [(rows, width) for width in prefill]
+            assert widths[len(prefill) :] == [(3 * repeats, 1)] * 5  # then one-token steps over every repeat
+        assert torch.equal(outs[0].sequences, outs[1].sequences), options
+        assert torch.allclose(outs[0].scores[0], outs[1].scores[0], atol=1e-5)
