@@ -361,6 +361,26 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
         finally:
             self.__dict__["_moa_step_route"] = route
 
+    def _assisted_decoding(self, *args, **kwargs):
+        """Assisted / prompt-lookup decoding needs a cache it can crop after rejected draft tokens."""
+        raise NotImplementedError(
+            "MoA models do not support assisted or prompt-lookup decoding (assistant_model / "
+            "prompt_lookup_num_tokens): a MoA cache keeps only each head's span and overwrites older tokens as "
+            "drafts are written, so it cannot be cropped back after rejected drafts. Use generate() without them "
+            "(CUDA-graph decode steps on one GPU)."
+        )
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (``generate_batch`` and servers built on it) is not supported: its paged
+        cache and attention kernels are dense and know nothing of the heads' spans. Without this the forward would
+        fail inside the batching loop, which logs it and returns empty results."""
+        raise NotImplementedError(
+            "MoA models do not support transformers' continuous batching (generate_batch, init_continuous_batching "
+            "and servers built on them): its paged KV cache and attention kernels are dense and would not apply the "
+            "MoA spans. Use generate() on a padded batch (CUDA-graph decode steps on one GPU), or "
+            "model.moa_generate() for greedy throughput."
+        )
+
     def get_compiled_call(self, compile_config=None):
         """The forward generate() uses for decode steps: ``GraphedDecodeStep`` (CUDA graphs, not torch.compile)."""
         step = self.__dict__.get("_moa_graphed_step")

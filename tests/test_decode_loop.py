@@ -348,3 +348,19 @@ def test_beams_and_return_sequences_prefill_each_prompt_once(monkeypatch, graphs
             assert widths[len(prefill) :] == [(3 * repeats, 1)] * 5  # then one-token steps over every repeat
         assert torch.equal(outs[0].sequences, outs[1].sequences), options
         assert torch.allclose(outs[0].scores[0], outs[1].scores[0], atol=1e-5)
+
+
+def test_continuous_batching_and_assisted_decoding_are_refused_with_a_clear_error():
+    """transformers' generate_batch runs a paged, dense cache: refused up front (it used to fail inside the
+    batching loop, which logged the error and returned empty generations). Assisted decoding would crop the cache."""
+    from transformers import GenerationConfig
+
+    dense = build_dense("llama", 2, seed=16)
+    moa = build_moa(dense, random_plan(2, 2, seed=16))
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7]])
+    for extra in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=dense)):
+        with pytest.raises(NotImplementedError, match="assisted or prompt-lookup decoding .* cannot be cropped"):
+            moa.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **extra)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match="continuous batching .* Use generate\\(\\) on a padded batch"):
+        moa.generate_batch([[5, 6, 7], [8, 9]], generation_config=config)
