@@ -124,7 +124,9 @@ class MoaModelMixin(SplitBeforeSaving):
         for unsupported in ("output_attentions",):
             if kwargs.pop(unsupported, False):
                 raise ValueError(f"MoA models do not support {unsupported}=True")
-        kwargs.pop("output_hidden_states", None)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         kwargs.pop("return_dict", None)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -142,7 +144,8 @@ class MoaModelMixin(SplitBeforeSaving):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=rope_ids)
         cache_kw = cache_argument(type(self.layers[0]).forward)
         layers = self.layers[: self.config.num_hidden_layers]
-        fused = _fused_for(inputs_embeds) if self._fusable_stack() else None
+        fused = _fused_for(inputs_embeds) if self._fusable_stack() and not output_hidden_states else None
+        all_hidden = None
         if fused is not None:
             attn_kwargs = dict(position_embeddings=position_embeddings, attention_mask=None, position_ids=rope_ids,
                                use_cache=use_cache, moa_positions=q_pos, moa_joined_projections=True,
@@ -150,13 +153,20 @@ class MoaModelMixin(SplitBeforeSaving):
             hidden_states = _fused_stack(fused, layers, self.norm, inputs_embeds, attn_kwargs)
         else:
             hidden_states = inputs_embeds
+            all_hidden = [] if output_hidden_states else None
             for layer in layers:
+                if all_hidden is not None:
+                    all_hidden.append(hidden_states)  # each layer's input, as transformers records them
                 hidden_states = layer(
                     hidden_states, attention_mask=None, position_ids=rope_ids, position_embeddings=position_embeddings,
                     use_cache=use_cache, moa_positions=q_pos, **{cache_kw: cache}, **kwargs,
                 )  # fmt: skip
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{cache_kw: cache if use_cache else None})
+            if all_hidden is not None:
+                all_hidden = (*all_hidden, hidden_states)  # the embeddings, every layer's output, the last one normed
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden, **{cache_kw: cache if use_cache else None}
+        )
 
     def _fusable_stack(self) -> bool:
         """Whether every layer is a pre-norm Llama-type block (RMSNorm, SiLU gated MLP) that _fused_stack runs."""

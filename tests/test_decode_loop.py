@@ -186,6 +186,8 @@ def test_generate_with_a_dynamic_cache_or_other_outputs_stays_eager(monkeypatch)
     ):
         out = moa.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, **extra)
         assert torch.equal(getattr(out, "sequences", out), reference)
+        if "output_hidden_states" in extra:  # per step: the embeddings and each layer's output
+            assert [len(step) for step in out.hidden_states] == [moa.config.num_hidden_layers + 1] * 6
     assert step.steps == 5
     with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
         moa.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="offloaded")

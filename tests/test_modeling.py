@@ -74,6 +74,11 @@ def test_spans_covering_everything_give_the_dense_model(arch_kv):
     ids = torch.randint(0, 101, (2, LENGTH), generator=torch.Generator().manual_seed(1))
     assert rel_err(_logits(moa, ids, use_cache=False), _logits(dense, ids)) < 1e-5
     assert rel_err(_logits(moa, ids, use_cache=True), _logits(dense, ids)) < 1e-5
+    with torch.no_grad():  # the embeddings, each layer's output, the last one normed: as transformers returns them
+        expected = dense(ids, output_hidden_states=True).hidden_states
+        got = moa(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(expected) == dense.config.num_hidden_layers + 1
+    assert all(rel_err(g, e) < 1e-5 for g, e in zip(got, expected, strict=True))
 
 
 @pytest.mark.parametrize("seed", [3, 11])
