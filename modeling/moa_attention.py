@@ -112,6 +112,14 @@ def moa_attention(
     Returns [B, Hq, L, D] (zeros for padding queries).
     """
     backend = select_backend(query.device)
+    if backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        _warn_once(
+            "MoA attention runs its pure-torch reference while gradients are needed (training, fine-tuning): the "
+            "Triton kernels have no backward. It is exact and differentiable, but builds full masks, so memory grows "
+            "with the square of the chunk length. Run inference under torch.no_grad() / inference_mode() to get the "
+            "kernels."
+        )
+        backend = "torch"
     a, b = _rules(alpha, beta, query.device)
     if layer is not None and layer.is_initialized and layer.seq_len > 0 and query.shape[2] == 1:
         fused = fused_kernels(query) if backend == "triton" else None

@@ -144,7 +144,8 @@ class MoaModelMixin(SplitBeforeSaving):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=rope_ids)
         cache_kw = cache_argument(type(self.layers[0]).forward)
         layers = self.layers[: self.config.num_hidden_layers]
-        fused = _fused_for(inputs_embeds) if self._fusable_stack() and not output_hidden_states else None
+        fusable = self._fusable_stack() and not output_hidden_states and not self._moa_needs_grad(inputs_embeds)
+        fused = _fused_for(inputs_embeds) if fusable else None
         all_hidden = None
         if fused is not None:
             attn_kwargs = dict(position_embeddings=position_embeddings, attention_mask=None, position_ids=rope_ids,
@@ -167,6 +168,13 @@ class MoaModelMixin(SplitBeforeSaving):
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden, **{cache_kw: cache if use_cache else None}
         )
+
+    def _moa_needs_grad(self, inputs_embeds: torch.Tensor) -> bool:
+        """Whether this forward must be differentiable: the fused kernels have no backward. Frozen embeddings with
+        trainable layers (LoRA) give inputs that need no gradient, so the parameters are checked too."""
+        if not torch.is_grad_enabled():
+            return False
+        return inputs_embeds.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def _fusable_stack(self) -> bool:
         """Whether every layer is a pre-norm Llama-type block (RMSNorm, SiLU gated MLP) that _fused_stack runs."""
