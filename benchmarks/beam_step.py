@@ -27,6 +27,7 @@ from moa_hub.apply import moa_twin  # noqa: E402
 from moa_hub.remote import remote_module  # noqa: E402
 
 MoaCache = remote_module("moa_cache").MoaCache
+move_rows = remote_module("moa_cache").move_rows
 cache_argument = remote_module("moa_model").cache_argument
 
 
@@ -80,6 +81,10 @@ def main() -> None:
         for t in all_tensors:
             t.copy_(t.index_select(0, idx))
 
+    def copy_each(dst, src):  # the waves of move_rows with one copy_ per row instead of a batched copy
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
     def gather_then_copy(idx):
         for t in all_tensors:
             t.copy_(t[idx])
@@ -91,6 +96,9 @@ def main() -> None:
             rows_out[f"{label}: index_select + copy_ (before)"] = timed(lambda idx=idx: select_then_copy(idx))
             rows_out[f"{label}: t.copy_(t[idx])"] = timed(lambda idx=idx: gather_then_copy(idx))
             rows_out[f"{label}: MoaCache.reorder_cache (move_rows)"] = timed(lambda idx=idx: cache.reorder_cache(idx))
+            rows_out[f"{label}: move_rows, one copy_ per tensor row"] = timed(
+                lambda order=order: move_rows(all_tensors, order, copy=copy_each)
+            )
     result = dict(context=args.context, beams=args.beams, cache_GB=round(nbytes / 1e9, 3), reorder_ms=rows_out)
     for name, ms in rows_out.items():
         e2e.log(f"{name}: {ms:.3f} ms ({nbytes / ms / 1e6:.0f} GB/s of cache bytes)")

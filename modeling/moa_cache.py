@@ -38,34 +38,44 @@ def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
 _ROW_TENSORS = ("keys", "values", "slot_pos", "next_pos")
 
 
-def move_rows(tensors: list[torch.Tensor], source: list[int]) -> None:
+def move_rows(tensors: list[torch.Tensor], source: list[int], copy=None) -> None:
     """Row ``d`` of every tensor becomes its row ``source[d]``, all at once and in place (what
-    ``t.copy_(t[source])`` gives), moving only the rows that change, each once.
+    ``t.copy_(t[source])`` gives), moving only the rows that change.
 
     Beam search reorders the cache after every step, mostly by copying a few beams over others, so copying the
     whole cache twice (gather, then copy back) would cost more than the step's attention. Copies run in waves: a
-    wave writes rows that no pending copy still reads, every tensor's rows of a wave in one ``_foreach_copy_`` per
-    dtype. A cycle (beams that swap) sets one row aside first.
+    wave writes rows that no pending copy still reads, every tensor's rows of a wave in one batched copy per dtype
+    (``copy``, default ``torch._foreach_copy_``). When only cycles are left (beams that swap), one row of each
+    cycle is first copied aside, all in one batched op per dtype.
     """
     pending = {row: src for row, src in enumerate(source) if row != src}
     if any(not 0 <= src < len(source) for src in pending.values()):
         raise IndexError(f"row indices {source} out of range for {len(source)} rows")
-    aside: dict[int, list[torch.Tensor]] = {}  # row -> its old contents, one per tensor
+    dtypes: dict[torch.dtype, list[int]] = {}  # the tensors of each dtype (one batched op each)
+    for i, t in enumerate(tensors):
+        dtypes.setdefault(t.dtype, []).append(i)
+    aside: dict[tuple[int, int], torch.Tensor] = {}  # (row, tensor) -> that row's old contents
     while pending:
         read = set(pending.values())
         wave = [(row, src) for row, src in pending.items() if row not in read]
-        if not wave:  # only cycles are left: keep one of their rows aside, then it may be overwritten
-            row = next(iter(pending))
-            aside[row] = [t[row].clone() for t in tensors]
-            pending = {dst: (~row if src == row else src) for dst, src in pending.items()}  # ~row: read from aside
+        if not wave:  # only cycles are left (rows that swap): keep one row of each aside, then they unwind
+            rows, seen = [], set()
+            for start in pending:
+                if start not in seen:
+                    rows.append(start)
+                    row = start
+                    while row not in seen:
+                        seen.add(row)
+                        row = pending[row]
+            for members in dtypes.values():
+                keys = [(row, i) for i in members for row in rows]
+                aside.update(zip(keys, torch._foreach_mul([tensors[i][row] for row, i in keys], 1), strict=True))
+            pending = {row: ~src if src in rows else src for row, src in pending.items()}  # ~src: from aside
             continue
-        for dtype in {t.dtype for t in tensors}:
-            dst, src = [], []
-            for i, t in enumerate(tensors):
-                if t.dtype == dtype:
-                    dst += [t[row] for row, _ in wave]
-                    src += [t[s] if s >= 0 else aside[~s][i] for _, s in wave]
-            torch._foreach_copy_(dst, src)
+        for members in dtypes.values():
+            dst = [tensors[i][row] for i in members for row, _ in wave]
+            src = [tensors[i][s] if s >= 0 else aside[~s, i] for i in members for _, s in wave]
+            (copy or torch._foreach_copy_)(dst, src)
         for row, _ in wave:
             del pending[row]
 

@@ -240,7 +240,8 @@ def test_move_rows_equals_a_gather_and_moves_each_changed_row_once(monkeypatch):
             assert all(torch.equal(t, e) for t, e in zip(tensors, expected, strict=True)), source
             assert [t.data_ptr() for t in tensors] == storage
             changed = sum(src != row for row, src in enumerate(source))
-            assert sum(copied) == 3 * changed, source  # 3 tensors, each changed row once (a cycle's aside: a clone)
+            # 3 tensors, each changed row written once (the rows a cycle overwrites go aside by _foreach_mul)
+            assert sum(copied) == 3 * changed, source
     with pytest.raises(IndexError, match=r"row indices \[0, 3\] out of range for 2 rows"):
         move_rows([torch.zeros(2, 3)], [0, 3])
 
