@@ -45,10 +45,6 @@ def timed(fn, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def tensors(cache) -> list[torch.Tensor]:
-    return [getattr(layer, name) for layer in cache.layers for name in ("keys", "values", "slot_pos", "next_pos")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=32768)
@@ -64,7 +60,7 @@ def main() -> None:
     cache = MoaCache(moa.config, max_cache_len=args.context + 2 * args.new)
     with torch.inference_mode():
         moa(rows, use_cache=True, logits_to_keep=1, **{cache_argument(type(moa).forward): cache})
-    all_tensors = tensors(cache)
+    all_tensors = cache.row_tensors()
     nbytes = sum(t.numel() * t.element_size() for t in all_tensors)
     orders = {  # typical beam steps: copy one beam over the next ones, swap pairs (cycles), keep all
         "chain [0,0,1,2..]": [0, *range(args.beams - 1)],

@@ -321,11 +321,15 @@ class MoaCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def row_tensors(self) -> list[torch.Tensor]:
+        """Every layer's tensors holding one row per sequence (batch dim first)."""
+        return [t for layer in self.layers for t in layer.row_tensors()]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search's reorder after each step. A static cache's rows move in place, for all layers at once
         (a few batched copies of the rows that change; a captured decode step stays valid)."""
         if all(layer._reorders_in_place(beam_idx) for layer in self.layers):
-            move_rows([t for layer in self.layers for t in layer.row_tensors()], beam_idx.tolist())
+            move_rows(self.row_tensors(), beam_idx.tolist())
         else:
             super().reorder_cache(beam_idx)
 
