@@ -14,13 +14,14 @@ A separate merge kernel remains for ``fused_merge=False`` configs.
 from __future__ import annotations
 
 import functools
+import struct
 
 import torch
 
 from .moa_prefill import gather_head_slots, use_triton
 from .moa_reference import moa_attention_ref
 from .moa_tensor_cache import TensorMemo
-from .moa_window import INTERPRETED, dot_precision, launch_fitting
+from .moa_window import INTERPRETED, dot_precision, fitted_config, launch_fitting
 
 try:
     import triton
@@ -392,6 +393,33 @@ def decode_items(head_offset, head_capacity, alpha, beta, split_len: int, total_
     return torch.stack(cols, 1).contiguous()
 
 
+def float_bits(x: float) -> int:
+    """The bits of ``x`` as a float64, read as an int64 (what ``.view(torch.int64)`` gives on the device)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def decode_items_host(offsets, capacities, alpha, beta, split_len: int, total_slots: int) -> torch.Tensor:
+    """``decode_items`` from the host's lists of the heads' offsets, capacities and rules: the same [W, 8] records,
+    built in Python (a few hundred rows) instead of ~25 small device ops, on the CPU."""
+    counts = [(cap + split_len - 1) // split_len for cap in capacities]
+    starts = [sum(counts[:g]) for g in range(len(counts))]
+    rows = []
+    for g, (off, cap) in enumerate(zip(offsets, capacities, strict=True)):
+        rule = (counts[g], starts[g], float_bits(alpha[g]), float_bits(beta[g]))
+        rows += [(g, off, off + cap, off + split * split_len, *rule) for split in range(counts[g])]
+    width = total_slots // split_len + len(capacities)
+    none = (
+        -1,
+        offsets[0],
+        offsets[0] + capacities[0],
+        offsets[0],
+        counts[0],
+        starts[0],
+        *map(float_bits, (alpha[0], beta[0])),
+    )
+    return torch.tensor(rows + [none] * (width - len(rows)), dtype=torch.int64)
+
+
 _WORK_LISTS = TensorMemo()
 _ITEMS = TensorMemo()
 
@@ -411,9 +439,13 @@ def _cached_work_list(head_capacity: torch.Tensor, split_len: int, total_slots: 
     return _WORK_LISTS.get((head_capacity,), (split_len, total_slots), compute, store=store)
 
 
-def _cached_items(head_offset, head_capacity, alpha, beta, split_len: int, total_slots: int) -> torch.Tensor:
-    """decode_items, reused while these tensors live unchanged (recomputed, not kept, inside a capture)."""
-    compute = lambda: decode_items(head_offset, head_capacity, alpha, beta, split_len, total_slots)  # noqa: E731
+def _cached_items(head_offset, head_capacity, alpha, beta, split_len: int, total_slots: int, host=None):
+    """decode_items, reused while these tensors live unchanged (recomputed, not kept, inside a capture). ``host``:
+    the same offsets, capacities, alpha and beta as host lists, to build the records there (one upload)."""
+    if host is not None:
+        compute = lambda: decode_items_host(*host, split_len, total_slots).to(head_capacity.device)  # noqa: E731
+    else:
+        compute = lambda: decode_items(head_offset, head_capacity, alpha, beta, split_len, total_slots)  # noqa: E731
     store = not _capturing(head_capacity.device)
     return _ITEMS.get((head_offset, head_capacity, alpha, beta), (split_len, total_slots), compute, store=store)
 
@@ -544,31 +576,22 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
     bsz, num_q_heads, _, head_dim = query.shape
     num_kv_heads = head_capacity.numel()
     group = num_q_heads // num_kv_heads
-    total_slots = cache_keys.shape[1] - 1
     if config is None:  # the table's config, or a smaller one where this GPU cannot load it
-        table = _INTERPRETER_CONFIG if INTERPRETED else decode_config(bsz, total_slots, head_dim, num_kv_heads)
         return launch_fitting(
             lambda c: _launch_decode(query, cache, q_pos, alpha, beta, scale, sink, min_span, c),
-            table, (head_dim, group, query.dtype, query.device), "MoA decode",
+            _table_config(bsz, cache_keys, num_kv_heads), _fit_key(head_dim, group, query.dtype, query.device),
+            "MoA decode",
         )  # fmt: skip
     if config.get("balanced"):
         return launch_balanced(query, cache, q_pos, alpha, beta, scale, sink, min_span, config)
-    split_len = config.get("split_len") or decode_split_len(
-        bsz,
-        total_slots,
-        _num_sms(query.device),
-        config["programs_per_sm"],
-        config.get("split_cap", 4096),
-        config.get("split_granule"),
+    split_len, items, constexprs, counters, work_list = _split_state(
+        bsz, group, query.dtype, cache, alpha, beta, sink, min_span, config
     )
-    items = _cached_items(head_offset, head_capacity, alpha, beta, split_len, total_slots)
     num_items = items.shape[0]
     part_o = torch.empty(bsz, num_items, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_items, group, device=query.device, dtype=torch.float32)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
-    constexprs = decode_constexprs(config, group, head_dim, num_kv_heads, sink, min_span, query.dtype)
-    fused = constexprs["FUSED_MERGE"]
-    counters = _split_counters(query.device, bsz * num_kv_heads) if fused else part_lse  # unused when not fused
+    counters = part_lse if counters is None else counters  # unused when the merge is not fused
     q = query[:, :, 0]  # [B, Hq, D]
     q = q if q.stride(-1) == 1 else q.contiguous()
     part_strides = (part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
@@ -580,14 +603,68 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         num_kv_heads, split_len, scale * 1.4426950408889634,
         **constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
-    if not fused:
-        _, _, work_start, work_count = _cached_work_list(head_capacity, split_len, total_slots)
+    if work_list is not None:
+        _, _, work_start, work_count = work_list
         _moa_decode_merge[(num_kv_heads, bsz)](
             part_o, part_lse, work_start, work_count, out, *part_strides, out.stride(0), out.stride(1),
             GROUP=group, MERGE_G=constexprs["MERGE_G"], HEAD_DIM=head_dim, BLOCK_S=constexprs["BLOCK_S"],
             num_warps=1 if INTERPRETED else 4,
         )  # fmt: skip
     return out
+
+
+def _table_config(bsz: int, cache_keys: torch.Tensor, num_kv_heads: int) -> dict:
+    if INTERPRETED:
+        return _INTERPRETER_CONFIG
+    return decode_config(bsz, cache_keys.shape[1] - 1, cache_keys.shape[-1], num_kv_heads)
+
+
+def _fit_key(head_dim: int, group: int, dtype, device) -> tuple:
+    """What decides whether a config's shared memory fits (launch_fitting's key)."""
+    return head_dim, group, dtype, device
+
+
+def _split_state(bsz: int, group: int, dtype, cache, alpha, beta, sink: int, min_span: int, config: dict, host=None):
+    """What a split launch reads besides its inputs: (split length, work items, constexprs, merge tickets or None,
+    the separate merge's work list or None); the items, tickets and work list are memoised per cache."""
+    cache_keys, _, _, head_offset, head_capacity = cache
+    head_dim, num_kv_heads, total_slots = cache_keys.shape[-1], head_capacity.numel(), cache_keys.shape[1] - 1
+    device = cache_keys.device
+    split_len = config.get("split_len") or decode_split_len(
+        bsz,
+        total_slots,
+        _num_sms(device),
+        config["programs_per_sm"],
+        config.get("split_cap", 4096),
+        config.get("split_granule"),
+    )
+    items = _cached_items(head_offset, head_capacity, alpha, beta, split_len, total_slots, host)
+    constexprs = decode_constexprs(config, group, head_dim, num_kv_heads, sink, min_span, dtype)
+    if constexprs["FUSED_MERGE"]:
+        return split_len, items, constexprs, _split_counters(device, bsz * num_kv_heads), None
+    return split_len, items, constexprs, None, _cached_work_list(head_capacity, split_len, total_slots)
+
+
+def prepare_decode(bsz: int, num_q_heads: int, dtype, cache, alpha, beta, sink: int, min_span: int, host=None):
+    """Fill, without launching, the memos a ``moa_decode`` call of ``bsz`` rows over ``cache`` reads: the work
+    items or head table of its kernel (from the cache's head capacities) and the merge tickets. A CUDA-graph
+    capture of the call made afterwards finds them, so the graph holds no ops rebuilding them at every replay;
+    without this, an eager call before the capture (a warm-up step) fills them. ``host``: the heads' offsets,
+    capacities, alpha and beta as host lists, to build the records on the host (one upload per table)."""
+    cache_keys, _, _, head_offset, head_capacity = cache
+    if not use_triton(cache_keys):
+        return
+    device = cache_keys.device
+    cache = (*cache[:3], _on(head_offset, device), _on(head_capacity, device))
+    alpha, beta = _on(alpha, device), _on(beta, device)
+    num_kv_heads = head_capacity.numel()
+    group = num_q_heads // num_kv_heads
+    table = _table_config(bsz, cache_keys, num_kv_heads)
+    config = fitted_config(table, _fit_key(cache_keys.shape[-1], group, dtype, device), "MoA decode")
+    if config.get("balanced"):
+        balanced_state(bsz, group, dtype, cache, alpha, beta, sink, min_span, config, host)
+    else:
+        _split_state(bsz, group, dtype, cache, alpha, beta, sink, min_span, config, host)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -628,4 +705,4 @@ def moa_decode_ref(
     return moa_attention_ref(query, keys, values, q_pos.reshape(-1, 1), pos, alpha, beta, sink, min_span, scale)
 
 
-from .moa_decode_balanced import launch_balanced  # noqa: E402  (it builds on this module's kernel helpers)
+from .moa_decode_balanced import balanced_state, launch_balanced  # noqa: E402  (it builds on this module's kernel helpers)

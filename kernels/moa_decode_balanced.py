@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _capturing, _num_sms, _split_counters, decode_constexprs
+from .moa_decode import _capturing, _num_sms, _split_counters, decode_constexprs, float_bits
 from .moa_tensor_cache import TensorMemo
 
 try:
@@ -110,6 +110,14 @@ def head_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost: i
     return torch.stack((*cols, zero, zero), 1).contiguous()
 
 
+def head_meta_host(offsets, capacities, alpha, beta, block_n: int, seg_cost: int = 0) -> torch.Tensor:
+    """``head_meta`` from the host's lists of the heads' offsets, capacities and rules (built in Python, on the CPU)."""
+    units = [(cap + block_n - 1) // block_n + seg_cost for cap in capacities]
+    rows = [(off, cap, float_bits(a), float_bits(b), sum(units[:g]), sum(units), 0, 0)
+            for g, (off, cap, a, b) in enumerate(zip(offsets, capacities, alpha, beta, strict=True))]  # fmt: skip
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 def pieces_bound(num_programs: int, bsz: int) -> int:
     """A bound on the programs sharing one (row, kv head), for any capacities: a pair's tiles are at most a row's
     units (U), each program takes ceil(bsz * U / P) >= bsz * U / P units, and a run may start and end part-way."""
@@ -119,9 +127,13 @@ def pieces_bound(num_programs: int, bsz: int) -> int:
 _METAS = TensorMemo()
 
 
-def _cached_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost: int) -> torch.Tensor:
-    """head_meta, reused while these tensors live unchanged (recomputed, not kept, inside a capture)."""
-    compute = lambda: head_meta(head_offset, head_capacity, alpha, beta, block_n, seg_cost)  # noqa: E731
+def _cached_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost: int, host=None) -> torch.Tensor:
+    """head_meta, reused while these tensors live unchanged (recomputed, not kept, inside a capture); ``host``: the
+    same as host lists, to build the table there (one upload)."""
+    if host is not None:
+        compute = lambda: head_meta_host(*host, block_n, seg_cost).to(head_capacity.device)  # noqa: E731
+    else:
+        compute = lambda: head_meta(head_offset, head_capacity, alpha, beta, block_n, seg_cost)  # noqa: E731
     store = not _capturing(head_capacity.device)
     return _METAS.get((head_offset, head_capacity, alpha, beta), (block_n, seg_cost), compute, store=store)
 
@@ -129,6 +141,16 @@ def _cached_meta(head_offset, head_capacity, alpha, beta, block_n: int, seg_cost
 def balanced_programs(bsz: int, total_slots: int, num_sms: int, programs_per_sm: float, block_n: int) -> int:
     """Programs of a balanced launch: programs_per_sm per SM, never more than there are tiles of block_n slots."""
     return int(max(1, min(-(-bsz * total_slots // block_n), round(programs_per_sm * num_sms))))
+
+
+def balanced_state(bsz: int, group: int, dtype, cache, alpha, beta, sink: int, min_span: int, config: dict, host=None):
+    """What a balanced launch reads besides its inputs: (constexprs, head table, merge tickets); the table and the
+    tickets are memoised (``moa_decode.prepare_decode`` fills them before a capture)."""
+    _, _, _, head_offset, head_capacity = cache
+    num_kv_heads = head_capacity.numel()
+    constexprs = decode_constexprs(config, group, cache[0].shape[-1], num_kv_heads, sink, min_span, dtype)
+    meta = _cached_meta(head_offset, head_capacity, alpha, beta, config["BLOCK_N"], constexprs["SEG_COST"], host)
+    return constexprs, meta, _split_counters(head_capacity.device, bsz * num_kv_heads)
 
 
 def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, min_span: int, config: dict):
@@ -145,12 +167,10 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
         bsz, total_slots, _num_sms(query.device), config["programs_per_sm"], block_n
     )
     pieces = pieces_bound(programs, bsz)
-    constexprs = decode_constexprs(config, group, head_dim, num_kv_heads, sink, min_span, query.dtype)
-    meta = _cached_meta(head_offset, head_capacity, alpha, beta, block_n, constexprs["SEG_COST"])
+    constexprs, meta, counters = balanced_state(bsz, group, query.dtype, cache, alpha, beta, sink, min_span, config)
     part_o = torch.empty(bsz, num_kv_heads * pieces, group, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(bsz, num_kv_heads * pieces, group, device=query.device, dtype=torch.float32)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
-    counters = _split_counters(query.device, bsz * num_kv_heads)
     q = query[:, :, 0]
     q = q if q.stride(-1) == 1 else q.contiguous()
     _moa_decode_balanced[(programs,)](

@@ -21,6 +21,7 @@ class TensorMemo:
 
     def __init__(self) -> None:
         self._entries: dict = {}
+        self.unstored = 0  # misses computed with store=False (inside a CUDA-graph capture: the graph rebuilds them)
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute, store: bool = True):
         """The memoised compute(); with store=False a missing entry is computed and not kept."""
@@ -28,6 +29,7 @@ class TensorMemo:
         key = (ids, tuple(_version(t) for t in tensors), extra)
         if key not in self._entries:
             if not store:
+                self.unstored += 1
                 return compute()
             self._entries[key] = compute()
             for tensor in tensors:

@@ -77,6 +77,15 @@ def smaller_config(config: dict) -> dict | None:
 _FITTED: dict = {}  # (what, table config, shape key) -> the config that launched on that device
 
 
+def _fitted_key(config: dict, key: tuple, what: str) -> tuple:
+    return what, tuple(sorted(config.items())), key
+
+
+def fitted_config(config: dict, key: tuple, what: str) -> dict:
+    """The config ``launch_fitting`` launches for a table ``config`` now: the one found to fit, else ``config``."""
+    return _FITTED.get(_fitted_key(config, key, what), config)
+
+
 def launch_fitting(launch, config: dict, key: tuple, what: str):
     """``launch(config)``; where Triton raises OutOfResources, the next ``smaller_config`` until one launches.
 
@@ -85,7 +94,7 @@ def launch_fitting(launch, config: dict, key: tuple, what: str):
     ``key`` (head size, group, dtype, device: what decides the shared memory), with one warning, when it is found. Triton
     raises the error when it loads the compiled kernel, before the launch queues any work, so a retry is safe.
     """
-    memo = (what, tuple(sorted(config.items())), key)
+    memo = _fitted_key(config, key, what)
     current, error = _FITTED.get(memo, config), None
     while True:
         try:

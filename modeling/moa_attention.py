@@ -137,6 +137,19 @@ def moa_attention(
     return out
 
 
+def prepare_decode(layer: MoaCacheLayer, num_q_heads: int, alpha: list[float], beta: list[float], sink: int,
+                   min_span: int) -> None:  # fmt: skip
+    """Fill the memos that the next one-token ``moa_attention`` over ``layer`` reads on the Triton backend
+    (``moa_decode.prepare_decode``), so that a CUDA-graph capture of that step can be the first call."""
+    if not layer.is_initialized or select_backend(layer.keys.device) != "triton":
+        return
+    a, b = _rules(alpha, beta, layer.keys.device)
+    cache = (layer.keys, layer.values, layer.slot_pos, layer.head_offset, layer.head_capacity)
+    host = (layer.head_offsets(), layer.capacity, alpha, beta)  # the tables are built on the host: one upload each
+    decode = _triton_kernels()[1]
+    decode.prepare_decode(layer.keys.shape[0], num_q_heads, layer.keys.dtype, cache, a, b, sink, min_span, host)
+
+
 def _prefill(query, key, value, q_pos, a, b, sink, min_span, scale, backend):
     if backend == "triton":
         return _triton_kernels()[0].moa_prefill(query, key, value, q_pos, a, b, sink, min_span, scale=scale)

@@ -181,16 +181,17 @@ class MoaCacheLayer(CacheLayerMixin):
             self.storage_version += 1
 
     # -- storage --------------------------------------------------------------------------------
+    def head_offsets(self) -> list[int]:
+        """Host copy of each head's first slot (``head_offset``)."""
+        return [sum(self.capacity[:g]) for g in range(len(self.capacity))]
+
     def _allocate(self, bsz: int, head_dim: int, capacity: list[int]) -> None:
         self.capacity = list(capacity)
         total = sum(capacity) + 1  # + trash slot
         self.keys = torch.zeros(bsz, total, head_dim, dtype=self.dtype, device=self.device)
         self.values = torch.zeros_like(self.keys)
         self.slot_pos = torch.full((bsz, total), -1, dtype=torch.int32, device=self.device)
-        offsets = [0]
-        for cap in capacity[:-1]:
-            offsets.append(offsets[-1] + cap)
-        self.head_offset = _small_tensor(offsets, self.device)
+        self.head_offset = _small_tensor(self.head_offsets(), self.device)
         self.head_capacity = _small_tensor(capacity, self.device)
         self.trash_slot = total - 1
         self.fits_until = 0  # recomputed on the next reserve()

@@ -112,8 +112,8 @@ class MoaDecodeLoop:
         first = self.steps_done
         with torch.inference_mode():
             for _ in range(steps):
-                if not self.cuda_graph:
-                    self._step()
+                if not self.cuda_graph or (self.graph is None and self.steps_done + 1 == self.max_steps):
+                    self._step()  # on CPU; or the loop's last step, whose graph would never replay
                 elif self.graph is None:
                     self._warm_up_and_capture()
                 else:
@@ -123,9 +123,36 @@ class MoaDecodeLoop:
         return self.out[:, first : self.steps_done]
 
     def _warm_up_and_capture(self) -> None:
-        """Run one real step eagerly (compiles kernels, fills memos), then capture the next one."""
+        """The model's first graph: run one real step eagerly (kernels compile, memos fill), then capture the next
+        one. Later loops capture their first step at once, after the model fills the memos the kernels read."""
+        if _warmed(self.model, self.cache):
+            _prepare(self.model, self.cache)
+            self.graph, _ = _capture(self._step, self.cache)
+            self.graph.replay()  # this is the current step
+            return
         _on_side_stream(self._step)  # this is the current step, for real
+        _mark_warmed(self.model, self.cache)
         self.graph, _ = _capture(self._step, self.cache)
+
+
+# model -> the devices on which its decode step ran eagerly once before a capture in this process (kernels compiled,
+# lazy CUDA state such as cuBLAS handles set up): later captures of its steps there skip that eager step
+_WARMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _warmed(model, cache: MoaCache) -> bool:
+    return cache.layers[0].keys.device in _WARMED.get(model, ())
+
+
+def _mark_warmed(model, cache: MoaCache) -> None:
+    _WARMED.setdefault(model, set()).add(cache.layers[0].keys.device)
+
+
+def _prepare(model, cache: MoaCache) -> None:
+    """Fill the memos the model's attention kernels read in a one-token step over ``cache`` (before a capture)."""
+    prepare = getattr(getattr(model, "model", None), "moa_prepare_decode", None)
+    if prepare is not None:
+        prepare(cache)
 
 
 def _on_side_stream(fn):
@@ -162,8 +189,10 @@ class GraphedDecodeStep:
 
     ``generate()`` gets this from ``get_compiled_call`` for its decode loop. A call that is not such a step
     (a prefill chunk, a dynamic cache, gradients, other outputs asked for) runs the plain forward. The first
-    step of a cache runs eagerly through the fixed input buffers (kernels compile), the second is captured,
-    later ones copy token / position / padding into the buffers and replay. The graph follows the cache's
+    step of the model's first graph runs eagerly through the fixed input buffers (kernels compile, lazy CUDA state
+    is set up), the second is captured; later caches are captured at their first step, after the model fills the
+    memos its kernels read (``moa_prepare_decode``, what an eager step would fill). Then each step copies token /
+    position / padding into the buffers and replays. The graph follows the cache's
     tensors (``storage_version``); a new cache or a reallocated one is captured again, and only one graph is
     held, until the cache is freed or ``release()``. A cache that is ``reset()`` and used again keeps its graph:
     the decode kernels take lengths and positions from the device. With ``cuda_graph=False`` (CPU tests) every
@@ -175,7 +204,8 @@ class GraphedDecodeStep:
         self.cuda_graph = cuda_graph
         self.steps = 0  # one-token steps served through the buffers (eager or replayed)
         self.replays = 0  # of which graph replays (tests and benchmarks read both)
-        self.states = 0  # buffer sets made (each graphed one is warmed up and captured once)
+        self.states = 0  # buffer sets made (each graphed one is captured once)
+        self.warm_ups = 0  # eager first steps before a capture (only the model's first graph, this or a loop's)
         self._state: dict | None = None
 
     def release(self, unless_passed_in: bool = False) -> None:
@@ -210,13 +240,17 @@ class GraphedDecodeStep:
         self._load_inputs(state, kwargs)
         cache = state["cache"]()
         self.steps += 1
-        if not state["graphed"]:
-            logits = self._forward(state)
-        elif not state["warm"]:
+        if not state["graphed"] or (state["graph"] is None and self._last_step(cache)):
+            logits = self._forward(state)  # a graph captured now would never replay
+        elif not state["warm"] and not _warmed(self.model, cache):
             logits = _on_side_stream(lambda: self._forward(state))  # for real: kernels compile, memos fill
             state["warm"] = True
+            _mark_warmed(self.model, cache)
+            self.warm_ups += 1
         else:
             if state["graph"] is None:
+                if not state["warm"]:
+                    _prepare(self.model, cache)  # what an eager step would fill: the graph holds no op for them
                 state["graph"], state["logits"] = _capture(lambda: self._forward(state), cache)
             state["graph"].replay()
             for layer in cache.layers:
@@ -224,6 +258,13 @@ class GraphedDecodeStep:
             self.replays += 1
             logits = state["logits"]
         return state["output_class"](logits=logits.clone(), **{state["cache_field"]: cache})
+
+    @staticmethod
+    def _last_step(cache: MoaCache) -> bool:
+        """Whether the cache has room for this step only: a cache generate() made holds max_length tokens (one slot
+        more than it feeds), so this is its last decode step."""
+        first = cache.layers[0]
+        return first.max_cache_len - first.seq_len <= 2
 
     def _step_key(self, kwargs: dict):
         ids = kwargs.get("input_ids")

@@ -16,7 +16,7 @@ import inspect
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .moa_attention import _warn_once, fused_kernels, moa_attention, select_backend
+from .moa_attention import _warn_once, fused_kernels, moa_attention, prepare_decode, select_backend
 from .moa_cache import MoaCache
 from .moa_generate import GraphedDecodeStep, cache_in, greedy_generate
 from .moa_projections import SplitBeforeSaving, joined_linear
@@ -168,6 +168,17 @@ class MoaModelMixin(SplitBeforeSaving):
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden, **{cache_kw: cache if use_cache else None}
         )
+
+    def moa_prepare_decode(self, cache: MoaCache) -> None:
+        """Fill the memos that the attention kernels of the next one-token step over ``cache`` read (work lists
+        and head tables from the cache's head capacities): a CUDA-graph capture of that step then needs no eager
+        warm-up step first. Kernels that have not run yet in this process compile during the capture."""
+        plan = self.config.moa
+        for idx in range(self.config.num_hidden_layers):
+            prepare_decode(
+                cache.layers[idx], self.config.num_attention_heads, plan["alpha"][idx], plan["beta"][idx],
+                plan["sink"], plan["min_span"],
+            )  # fmt: skip
 
     def _moa_needs_grad(self, inputs_embeds: torch.Tensor) -> bool:
         """Whether this forward must be differentiable: the fused kernels have no backward. Frozen embeddings with

@@ -100,14 +100,16 @@ def test_cuda_graph_loop_equals_eager_generate(monkeypatch, backend):
     expected = moa.generate(
         ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, disable_compile=True
     )  # eager steps, dynamic cache
-    actual = moa.moa_generate(ids, attention_mask=mask, max_new_tokens=40)  # graph captured at step 2
+    actual = moa.moa_generate(ids, attention_mask=mask, max_new_tokens=40)  # the model's first graph: at step 2
     assert torch.equal(actual, expected)
     step = moa.get_compiled_call()
     graphed = moa.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     assert torch.equal(graphed, expected)
-    assert (step.steps, step.replays) == (39, 38)  # step 1 eager, step 2 captured then replayed, ...
+    assert (step.steps, step.replays) == (39, 39)  # captured at step 1: the loop above warmed the model up
     assert step._state is None
-    for _ in range(2):  # sampling: the same draws from the same logits; a second call captures its own cache
+    decode, balanced = remote_module("moa_decode"), remote_module("moa_decode_balanced")
+    misses = decode._ITEMS.unstored + decode._WORK_LISTS.unstored + balanced._METAS.unstored
+    for _ in range(2):  # sampling: the same draws from the same logits; each call captures its cache at step 1
         torch.manual_seed(7)
         sampled = moa.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, pad_token_id=0)
         torch.manual_seed(7)
@@ -115,7 +117,7 @@ def test_cuda_graph_loop_equals_eager_generate(monkeypatch, backend):
             ids, attention_mask=mask, max_new_tokens=12, do_sample=True, pad_token_id=0, disable_compile=True
         )  # fmt: skip
         assert torch.equal(sampled, eager)
-    assert step.replays == 38 + 2 * 10
+    assert step.replays == 39 + 2 * 11
     cache = remote_module("moa_cache").MoaCache(moa.config, max_cache_len=ids.shape[1] + 40)
     for _ in range(2):  # a cache passed in keeps its graph: the second call replays from its first step
         cache.reset()
@@ -123,13 +125,46 @@ def test_cuda_graph_loop_equals_eager_generate(monkeypatch, backend):
             ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, **{_cache_kw(moa): cache}
         )  # fmt: skip
         assert torch.equal(again, expected)
-    assert step.replays == 38 + 2 * 10 + 38 + 39
+    assert step.replays == 39 + 2 * 11 + 39 + 39
     # beam search: transformers calls the model itself for its steps; they replay too, beams reordered in place
     beams = dict(max_new_tokens=20, min_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
     eager = moa.generate(ids, attention_mask=mask, disable_compile=True, **beams)
     steps, replays = step.steps, step.replays
     assert torch.equal(moa.generate(ids, attention_mask=mask, **beams), eager)
-    assert (step.steps - steps, step.replays - replays) == (19, 18)
+    assert (step.steps - steps, step.replays - replays) == (19, 19)
+    assert step.warm_ups == 0
+    # every capture after the first found the memos its kernels read (moa_prepare_decode): none rebuilt in a graph
+    assert decode._ITEMS.unstored + decode._WORK_LISTS.unstored + balanced._METAS.unstored == misses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_new_batch_size_is_captured_at_its_first_step(monkeypatch):
+    """After a model's first graph, a call with another batch size (another decode kernel: the balanced one, where
+    the first call ran the split kernel) is captured at its first step with no eager step before it; kernels that
+    never ran compile inside the capture. Its tokens equal eager generate()'s, computed afterwards."""
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    # head size 32 and groups of 3: shapes no other test compiles kernels for
+    dense = build_dense("llama", 2, seed=21, hidden_size=192, num_attention_heads=6, intermediate_size=256)
+    plan = dict(format_version=1, sink=8, min_span=16, alpha=[[24.0, 0.0], [40.0, 8.0]], beta=[[0.1, 0.5], [0.0, 0.3]])
+    moa = build_moa(dense, plan).to("cuda")
+    step = moa.get_compiled_call()
+    one, one_mask = (t.cuda() for t in _padded_batch(21, lengths=(70,)))
+    moa.generate(one, attention_mask=one_mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert (step.warm_ups, step.replays) == (1, 6)
+    ids, mask = (t.cuda() for t in _padded_batch(22, lengths=(90, 61, 77)))
+    graphed = moa.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert (step.warm_ups, step.replays) == (1, 6 + 11)
+    steps = step.steps
+    moa.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert (step.steps, step.replays, step._state) == (steps + 1, 6 + 11, None)  # one step: eager, nothing captured
+    eager = moa.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         disable_compile=True)  # fmt: skip
+    assert torch.equal(graphed, eager)
+    looped = moa.moa_generate(  # its loop is captured at step 1 too
+        ids, attention_mask=mask, max_new_tokens=12, eos_token_id=moa.generation_config.eos_token_id, pad_token_id=0
+    )
+    assert torch.equal(looped[:, : eager.shape[1]], eager)  # generate() stops once every row has ended
 
 
 def _graphs_on_cpu(monkeypatch, moa):
@@ -219,6 +254,47 @@ def test_graphed_step_follows_a_new_cache_and_reordered_rows(monkeypatch):
     assert torch.allclose(got, plain[order], atol=1e-5)  # rows moved with their cache rows
     assert torch.allclose(other, plain, atol=1e-5)
     assert [cache.get_seq_length() for cache in caches] == [ids.shape[1] + 1] * 3
+
+
+# the balanced kernel under the interpreter (the interpreter's own config is the split kernel's)
+_BALANCED_INTERPRETED = {"balanced": True, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "num_programs": 5,
+                         "merge_splits": 4}  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [1, 3], ids=["split kernel", "balanced kernel"])
+def test_prepare_decode_fills_what_a_captured_first_step_reads(monkeypatch, rows):
+    """``moa_prepare_decode`` fills the decode kernels' memos for a new cache, so that a capture of its first step
+    finds them and records no op rebuilding them at every replay (a capture computes a missing memo inside the
+    graph: counted as ``unstored``). Without it, the first step's memos are all missing: the test can fail."""
+    monkeypatch.setenv("MOA_BACKEND", "triton")
+    decode, balanced = remote_module("moa_decode"), remote_module("moa_decode_balanced")
+    if decode.INTERPRETED and rows > 1:
+        monkeypatch.setattr(decode, "_INTERPRETER_CONFIG", _BALANCED_INTERPRETED)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dense = build_dense("llama", 2, seed=4, hidden_size=128, num_attention_heads=8, intermediate_size=256)
+    moa = build_moa(dense, random_plan(2, 2, seed=4)).to(device)
+    ids = torch.randint(3, 101, (rows, 21), generator=torch.Generator().manual_seed(4)).to(device)
+    kw = _cache_kw(moa)
+
+    def first_step(prepare: bool):
+        cache = remote_module("moa_cache").MoaCache(moa.config, max_cache_len=24)
+        with torch.inference_mode():
+            token = moa(ids, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+            if prepare:
+                moa.model.moa_prepare_decode(cache)
+            misses = decode._ITEMS.unstored + decode._WORK_LISTS.unstored + balanced._METAS.unstored
+            with monkeypatch.context() as patch:  # as inside a capture: a missing memo is computed and not kept
+                patch.setattr(decode, "_capturing", lambda device: True)
+                patch.setattr(balanced, "_capturing", lambda device: True)
+                logits = moa(token, use_cache=True, **{kw: cache}).logits
+            misses = decode._ITEMS.unstored + decode._WORK_LISTS.unstored + balanced._METAS.unstored - misses
+        return logits, misses
+
+    prepared, prepared_misses = first_step(prepare=True)
+    plain, plain_misses = first_step(prepare=False)
+    assert plain_misses == 2  # one per layer
+    assert prepared_misses == 0
+    assert torch.equal(prepared, plain)
 
 
 def test_move_rows_equals_a_gather_and_moves_each_changed_row_once(monkeypatch):

@@ -554,6 +554,27 @@ def test_balanced_head_meta_and_pieces_bound(seg_cost):
                 assert pieces <= balanced.pieces_bound(programs, rows)
 
 
+def test_host_built_tables_equal_the_device_ones():
+    """The split kernel's work items and the balanced kernel's head table, built on the host from lists (what
+    ``moa_prepare_decode`` uploads before a capture), equal the device-built ones, on random layouts."""
+    decode, balanced = remote_module("moa_decode"), remote_module("moa_decode_balanced")
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        heads = int(torch.randint(1, 9, (1,), generator=gen))
+        caps = torch.randint(17, 3000, (heads,), generator=gen).tolist()
+        offsets = [sum(caps[:g]) for g in range(heads)]
+        alpha = (torch.rand(heads, generator=gen, dtype=torch.float64) * 200 - 50).tolist()
+        beta = torch.rand(heads, generator=gen, dtype=torch.float64).tolist()
+        rules = (torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64))  # as _rules makes
+        device = (torch.tensor(offsets), torch.tensor(caps, dtype=torch.int32), *rules)
+        split_len = (128, 256, 4096)[trial % 3]
+        expected = decode.decode_items(*device, split_len, sum(caps))
+        assert torch.equal(decode.decode_items_host(offsets, caps, alpha, beta, split_len, sum(caps)), expected)
+        for block_n, seg_cost in ((32, 4), (64, 0)):
+            expected = balanced.head_meta(*device, block_n, seg_cost)
+            assert torch.equal(balanced.head_meta_host(offsets, caps, alpha, beta, block_n, seg_cost), expected)
+
+
 @needs_interpreter
 def test_decode_and_prefill_launch_no_torch_ops(monkeypatch):
     """After a warm-up call, a decode or prefill call dispatches no torch kernel: allocations and views only."""
