@@ -108,3 +108,10 @@ def test_bench_generate_smoke(tmp_path):
     methods = ["hf-dynamic", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate"]
     assert [r["method"] for r in rows[:5]] == methods
     assert all("error" not in r and r["ms_per_token"] > 0 for r in rows), rows
+
+
+def test_host_cost_smoke(tmp_path):
+    run_script(["benchmarks/host_cost.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
+    result = json.loads((tmp_path / "host_cost.json").read_text())
+    assert [r["method"] for r in result["eager_steps"]] == ["hf-dense-dynamic", "moa-static"]
+    assert len(result["graphed_phases_ms"]) == 6 and len(result["generate_calls_ms"]) == 6
