@@ -13,6 +13,8 @@ density at the case's context):
   (``GraphedDecodeStep``, through transformers' compiled-forward hook);
 - ``moa-graph-reuse``: the same, on one static MoaCache the caller passes in and ``reset()``s before each call,
   so the graph captured in the warm-up is replayed from the first step of every call;
+- ``moa-graph-kept``: ``generate(cache_implementation="static", max_cache_len=...)`` with one size for all calls:
+  the model keeps that cache and its graph between calls (transformers' knob for one static cache size);
 - ``moa_generate``: ``model.moa_generate()``, greedy, the whole step (pick and stop check too) in the graph;
 - ``moa-graph-each-row``: ``moa-graph`` with the prefill run on every repeated prompt row (as transformers does, and
   as MoA did before its prefill ran each prompt once for beams / ``num_return_sequences``), for comparison.
@@ -47,7 +49,8 @@ from moa_hub.remote import remote_module  # noqa: E402
 MoaCache = remote_module("moa_cache").MoaCache
 cache_argument = remote_module("moa_model").cache_argument
 
-METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate", "moa-graph-each-row")
+METHODS = ("hf-dynamic", "hf-static", "moa-eager", "moa-graph", "moa-graph-reuse", "moa-graph-kept", "moa_generate",
+           "moa-graph-each-row")  # fmt: skip
 
 
 STATIC_ROOM = 1024  # new tokens hf-static's one cache size allows
@@ -74,7 +77,7 @@ def call(model, method: str, ids: torch.Tensor, new: int, beams: int = 1) -> flo
             model.moa_generate(ids, max_new_tokens=new)
         else:
             extra = dict(disable_compile=True) if method == "moa-eager" else {}
-            if method == "hf-static":
+            if method in ("hf-static", "moa-graph-kept"):
                 extra = dict(cache_implementation="static", max_cache_len=ids.shape[1] + STATIC_ROOM)
             if method == "moa-graph-reuse":
                 cache = reusable_cache(model, ids.shape[1] + STATIC_ROOM)

@@ -256,8 +256,10 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
     graph-replayed, and the "compiled" forward is ``GraphedDecodeStep``, not ``torch.compile``. Graphs are used on
     one CUDA device unless ``generate(..., disable_compile=True)``; ``cache_implementation="dynamic"`` or a
     dynamic MoaCache passed in keeps eager steps (memory then follows the generation's length, not max_length).
-    A static MoaCache passed in keeps its graph after the call, so calls that reuse it skip the warm-up step and
-    the capture.
+    A static MoaCache passed in keeps its graph after the call, so calls that reuse it skip the capture. So does
+    the cache of ``cache_implementation="static"`` with ``max_cache_len`` (transformers' knob for sizing a static
+    cache once for repeated calls): the model keeps that cache and its graph, and ``reset()``s and reuses them
+    while calls have as many rows and fit in it; a call that makes its cache without that knob frees them.
     """
 
     def generate(self, *args, **kwargs):
@@ -293,16 +295,35 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
                 "of the heads' spans. Leave cache_implementation unset, or pick 'static' (sized for max_length) or "
                 "'dynamic' (grows with the text)."
             )
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        sized_for = getattr(generation_config, "max_cache_len", None) if kind == "static" else None
+        kept = self.__dict__.pop("_moa_kept_cache", None)  # freed here unless this call reuses it
+        if sized_for is not None and kept is not None and self._moa_cache_reusable(kept, rows, max_cache_length + 1):
+            kept.reset()  # same tensors: the graph captured on them replays from the first decode step
+            model_kwargs[name] = self.__dict__["_moa_kept_cache"] = kept
+            return
+        del kept
         # max_cache_length is max_length - 1 (the last new token is never fed back); one slot more costs ~nothing
-        static = MoaCache(self.config, max_cache_len=max_cache_length + 1)
+        static = MoaCache(self.config, max_cache_len=max(max_cache_length, sized_for or 0) + 1)
         if kind is None and self._moa_graphs_wanted(generation_config):
-            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
             if not self._static_cache_fits(static, rows):
                 static = None  # a dynamic cache grows only as far as the text goes (and the steps run eagerly)
         elif kind != "static":
             static = None
         model_kwargs[name] = static if static is not None else MoaCache(self.config)
-        model_kwargs[name].made_by_generate = True  # its graph is released when generate() returns
+        if sized_for is not None:
+            self.__dict__["_moa_kept_cache"] = static  # kept, with its graph, for the next call sized the same way
+        else:
+            model_kwargs[name].made_by_generate = True  # its graph is released when generate() returns
+
+    def _moa_cache_reusable(self, cache: MoaCache, rows: int, length: int) -> bool:
+        """Whether a kept static cache serves a call of ``rows`` rows up to ``length`` tokens on the model's device."""
+        first = cache.layers[0]
+        if first.max_cache_len < length:
+            return False
+        if not first.is_initialized:
+            return True
+        return first.keys.shape[0] == rows and first.keys.device == self.device and first.keys.dtype == self.dtype
 
     def _static_cache_fits(self, cache: MoaCache, rows: int) -> bool:
         """Whether a static cache for ``rows`` rows takes at most 80% of the device's free memory; else warn once."""

@@ -165,6 +165,12 @@ def test_a_new_batch_size_is_captured_at_its_first_step(monkeypatch):
         ids, attention_mask=mask, max_new_tokens=12, eos_token_id=moa.generation_config.eos_token_id, pad_token_id=0
     )
     assert torch.equal(looped[:, : eager.shape[1]], eager)  # generate() stops once every row has ended
+    # a static cache sized with max_cache_len is kept with its graph: the second call replays from its first step
+    sized = dict(cache_implementation="static", max_cache_len=128, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(moa.generate(ids, attention_mask=mask, **sized), eager)
+    steps, replays = step.steps, step.replays
+    assert torch.equal(moa.generate(ids, attention_mask=mask, **sized), eager)
+    assert (step.steps - steps, step.replays - replays) == (11, 11)
 
 
 def _graphs_on_cpu(monkeypatch, moa):
@@ -367,6 +373,35 @@ def test_a_static_cache_passed_in_keeps_its_buffers_across_calls(monkeypatch):
     assert step.states == 3
     del cache
     assert step._state is None  # freed with the cache
+
+
+def test_static_cache_sized_with_max_cache_len_is_kept_across_calls(monkeypatch):
+    """generate(cache_implementation="static", max_cache_len=N) (transformers' knob for one cache size across calls):
+    the model keeps that cache and its buffers (on CUDA, its graph), reset and reused by every call of as many rows
+    that fits in N; tokens equal eager generate(). Another row count gets a new cache; a call that makes its cache
+    without the knob frees it."""
+    dense = build_dense("llama", 2, seed=18)
+    moa = build_moa(dense, random_plan(2, 2, seed=18))
+    step = _graphs_on_cpu(monkeypatch, moa)
+    kw = dict(do_sample=False, pad_token_id=0, min_new_tokens=7)
+    sized = dict(cache_implementation="static", max_cache_len=64)
+    cases = [(*_padded_batch(seed, lengths), new)
+             for seed, lengths, new in ((1, (31, 18, 25), 7), (2, (30, 29, 12), 9), (3, (20, 33), 7), (4, (40, 11), 7))]  # fmt: skip
+    eager = [moa.generate(ids, attention_mask=mask, disable_compile=True, max_new_tokens=new, **kw)
+             for ids, mask, new in cases]  # fmt: skip
+    caches = []
+    for (ids, mask, new), expected in zip(cases, eager, strict=True):
+        assert torch.equal(moa.generate(ids, attention_mask=mask, max_new_tokens=new, **sized, **kw), expected)
+        caches.append(moa.__dict__["_moa_kept_cache"])
+    assert caches[0] is caches[1] and caches[2] is caches[3] and caches[1] is not caches[2]
+    assert caches[0].layers[0].max_cache_len == 65
+    assert step.states == 2  # one buffer set per kept cache
+    long = moa.generate(ids, attention_mask=mask, max_new_tokens=30, cache_implementation="static", max_cache_len=80,
+                        **kw)  # fmt: skip
+    assert moa.__dict__["_moa_kept_cache"].layers[0].max_cache_len == 81  # a larger size asked for: a new cache
+    assert torch.equal(long, moa.generate(ids, attention_mask=mask, max_new_tokens=30, disable_compile=True, **kw))
+    assert "_moa_kept_cache" not in moa.__dict__  # the call above made its own cache without the knob: freed
+    assert step._state is None
 
 
 def test_generate_falls_back_to_a_dynamic_cache_when_a_static_one_would_not_fit(monkeypatch):
