@@ -588,8 +588,7 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
         bsz, group, query.dtype, cache, alpha, beta, sink, min_span, config
     )
     num_items = items.shape[0]
-    part_o = torch.empty(bsz, num_items, group, head_dim, device=query.device, dtype=torch.float32)
-    part_lse = torch.empty(bsz, num_items, group, device=query.device, dtype=torch.float32)
+    part_o, part_lse = partials(bsz, num_items, group, head_dim, query.device)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
     counters = part_lse if counters is None else counters  # unused when the merge is not fused
     q = query[:, :, 0]  # [B, Hq, D]
@@ -611,6 +610,22 @@ def _launch_decode(query, cache, q_pos, alpha, beta, scale: float, sink: int, mi
             num_warps=1 if INTERPRETED else 4,
         )  # fmt: skip
     return out
+
+
+def partials(bsz: int, items: int, group: int, head_dim: int, device: torch.device):
+    """Buffers of the splits' partial results: out [B, items, group, D] and log-sum-exp [B, items, group], fp32, with
+    row strides rounded up to multiples of 16 elements. Triton specializes integer arguments on divisibility by 16,
+    so a row stride that followed ``items`` (the cache's size) would compile the kernels again."""
+
+    def rows(*shape: int) -> torch.Tensor:
+        strides = [1]
+        for size in reversed(shape[1:]):
+            strides.insert(0, strides[0] * size)
+        row = -(-strides[0] * shape[0] // 16) * 16  # set explicitly: a view would give a batch of one any row stride
+        flat = torch.empty(bsz, row, device=device, dtype=torch.float32)
+        return flat.as_strided((bsz, *shape), (row, *strides))
+
+    return rows(items, group, head_dim), rows(items, group)
 
 
 def _table_config(bsz: int, cache_keys: torch.Tensor, num_kv_heads: int) -> dict:

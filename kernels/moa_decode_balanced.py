@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .moa_decode import _capturing, _num_sms, _split_counters, decode_constexprs, float_bits
+from .moa_decode import _capturing, _num_sms, _split_counters, decode_constexprs, float_bits, partials
 from .moa_tensor_cache import TensorMemo
 
 try:
@@ -36,8 +36,8 @@ except ImportError:  # CPU-only installs fall back to the torch reference
 
 
 if HAS_TRITON:
-
-    @triton.jit
+    # rows, programs and pieces change with the batch and the cache's size: not specialized on (1, multiple of 16)
+    @triton.jit(do_not_specialize=["bsz", "num_programs", "pieces_per_pair"])
     def _moa_decode_balanced(
         Q, CacheK, CacheV, SlotPos, HeadMeta, QPos, PartO, PartLse, Counter, Out,
         stride_qb, stride_qh, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb, stride_qpos,
@@ -168,8 +168,7 @@ def launch_balanced(query, cache, q_pos, alpha, beta, scale: float, sink: int, m
     )
     pieces = pieces_bound(programs, bsz)
     constexprs, meta, counters = balanced_state(bsz, group, query.dtype, cache, alpha, beta, sink, min_span, config)
-    part_o = torch.empty(bsz, num_kv_heads * pieces, group, head_dim, device=query.device, dtype=torch.float32)
-    part_lse = torch.empty(bsz, num_kv_heads * pieces, group, device=query.device, dtype=torch.float32)
+    part_o, part_lse = partials(bsz, num_kv_heads * pieces, group, head_dim, query.device)
     out = torch.empty(bsz, num_q_heads, 1, head_dim, device=query.device, dtype=query.dtype)
     q = query[:, :, 0]
     q = q if q.stride(-1) == 1 else q.contiguous()

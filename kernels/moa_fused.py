@@ -85,7 +85,7 @@ if HAS_TRITON:
         c = _mul(xr, sin[None, :]).to(dt).to(tl.float32)
         tl.store(Out + b * sob + t * sot + h[:, None] * soh + d[None, :], (a + c).to(dt), mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq_len"])  # the chunk's length: no compile per length modulo 16
     def _rope_kernel(
         Q, K, Cos, Sin, QO, KO, seq_len, n_q, n_k,
         sqb, sqh, sqt, skb, skh, skt, scb, sct, ssb, sst, sqob, sqoh, sqot, skob, skoh, skot,
@@ -114,7 +114,7 @@ if HAS_TRITON:
         act = _silu(g).to(Out.dtype.element_ty).to(tl.float32)  # silu rounded to the dtype, then * up
         tl.store(Out + row * stride_o + cols, _mul(act, u).to(Out.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["trash"])  # the last slot: its value follows the cache's size
     def _append_token_kernel(
         Key, Value, QPos, CacheK, CacheV, SlotPos, HeadOff, HeadCap, NextPos,
         skb, skh, svb, svh, sqp, sckb, sckn, scvb, scvn, ssb, trash,

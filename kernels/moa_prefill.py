@@ -49,9 +49,13 @@ if HAS_TRITON:
         acc, m_i, l_i, q, k_ptrs, v_ptrs, k_pos, load_mask, qp, lo,
         sm_scale_log2, SINK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # k, v: [BLOCK_N, D]; k_pos: [BLOCK_N]; qp, lo: [BLOCK_M]
-        k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
+        # k, v: [BLOCK_N, D]; k_pos: [BLOCK_N]; qp, lo: [BLOCK_M]; unmasked tiles are whole and valid: no load mask
+        if MASKED:
+            k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         if MASKED:
             kp = k_pos[None, :]
@@ -72,7 +76,8 @@ if HAS_TRITON:
         sm_scale_log2, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row)
+        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row). Unmasked ranges start
+        # and stop at multiples of BLOCK_N inside the chunk (the inner range below): every tile is whole
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for start in range(first, stop, BLOCK_N):
@@ -88,7 +93,11 @@ if HAS_TRITON:
             )
         return acc, m_i, l_i
 
-    @triton.jit
+    # The position ids' row stride follows the prompt's length (rows > 1): not specialized on, or Triton would compile
+    # again whenever it became or stopped being a multiple of 16 (benchmarks/compile_variants.py); knowing it made no
+    # difference in time. The length itself stays specialized: at lengths that are multiples of 16 the kernel ran
+    # 16-25% faster at 4k and 1-10% at 16k-32k (benchmarks/specialize_ab.py), for one more compile per config.
+    @triton.jit(do_not_specialize=["stride_pb"])
     def _moa_prefill_fwd(
         Q, K, V, Out, QPos, Alpha, Beta,
         CacheK, CacheV, SlotPos, HeadOff, HeadCap,

@@ -1,8 +1,9 @@
 """A KV cache whose memory is the sum of per-head spans.
 
-Layout (docs/internals.md): per layer, ``keys``/``values`` ``[B, C + 1, D]`` with every kv head's slots
-side by side (head g owns ``[offset_g, offset_g + cap_g)``) and one trash slot at the end;
-``slot_pos`` ``[B, C + 1]`` holds the position id stored in each slot (-1 = empty). Inside a head,
+Layout (docs/internals.md): per layer, ``keys``/``values`` ``[B, T, D]`` with every kv head's slots
+side by side (head g owns ``[offset_g, offset_g + cap_g)``), one trash slot at the end, and T = C + 1
+rounded up to a multiple of SLOT_ALIGN (the slots between stay empty); ``slot_pos`` ``[B, T]`` holds
+the position id stored in each slot (-1 = empty). Inside a head,
 sink positions ``p < sink`` sit at ``offset_g + p`` and the recent window is a ring of
 ``cap_g - sink`` slots. A write is one scatter with no host synchronisation.
 """
@@ -19,6 +20,15 @@ from .moa_spans import span_at
 # Growth policy of a dynamic cache: a head that outgrows its ring gets room for the span at twice the
 # length, but never more than 10% + GROWTH_SLACK slots over its span now (memory follows the spans).
 GROWTH_SLACK = 32
+# A layer's slot count is a multiple of this, so the row strides its kernels get (T and T * D) are always
+# multiples of 16: Triton specializes integer arguments on divisibility by 16, and a stride that flipped with the
+# cache's size gave every kernel reading the cache a second compile (1.2 s on the H200; compile_variants.py).
+SLOT_ALIGN = 16
+
+
+def aligned_slots(used: int) -> int:
+    """A layer's slot count for ``used`` slots (the heads' capacities and the trash slot)."""
+    return -(-used // SLOT_ALIGN) * SLOT_ALIGN
 
 
 def slot_of(pos: torch.Tensor, offset: torch.Tensor, capacity: torch.Tensor, sink: int) -> torch.Tensor:
@@ -187,7 +197,7 @@ class MoaCacheLayer(CacheLayerMixin):
 
     def _allocate(self, bsz: int, head_dim: int, capacity: list[int]) -> None:
         self.capacity = list(capacity)
-        total = sum(capacity) + 1  # + trash slot
+        total = aligned_slots(sum(capacity) + 1)  # + trash slot (the last one)
         self.keys = torch.zeros(bsz, total, head_dim, dtype=self.dtype, device=self.device)
         self.values = torch.zeros_like(self.keys)
         self.slot_pos = torch.full((bsz, total), -1, dtype=torch.int32, device=self.device)
@@ -231,7 +241,8 @@ class MoaCacheLayer(CacheLayerMixin):
 
     def _replace(self, keys, values, slot_pos, head_offset, head_capacity) -> None:
         """Copy live tokens of an old layout into the current one."""
-        slots = torch.arange(slot_pos.shape[1] - 1, device=self.device)  # old slots without the trash
+        # old slots without the trash (padding slots are empty)
+        slots = torch.arange(slot_pos.shape[1] - 1, device=self.device)
         head = torch.bucketize(slots, head_offset, right=True) - 1  # [C_old] head of each old slot
         pos = slot_pos[:, :-1].to(torch.int64)  # [B, C_old]
         live = pos >= 0
@@ -337,5 +348,8 @@ class MoaCache(Cache):
     def planned_nbytes(self, rows: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes this cache allocates for ``rows`` rows when it is first written (a static cache: all it will use):
         keys and values, plus the int32 position of every slot."""
-        slots = sum(sum(layer.planned_capacity(g, 1) for g in range(layer.num_heads)) + 1 for layer in self.layers)
+        slots = sum(
+            aligned_slots(sum(layer.planned_capacity(g, 1) for g in range(layer.num_heads)) + 1)
+            for layer in self.layers
+        )
         return rows * slots * (2 * head_dim * dtype.itemsize + 4)

@@ -115,3 +115,12 @@ def test_host_cost_smoke(tmp_path):
     result = json.loads((tmp_path / "host_cost.json").read_text())
     assert [r["method"] for r in result["eager_steps"]] == ["hf-dense-dynamic", "moa-static"]
     assert len(result["graphed_phases_ms"]) == 6 and len(result["generate_calls_ms"]) == 6
+
+
+def test_compile_variants_and_specialize_ab_smoke(tmp_path):
+    run_script(["benchmarks/compile_variants.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
+    calls = json.loads((tmp_path / "compile_variants.json").read_text())["calls"]
+    assert [(c["prompt"], c["rows"]) for c in calls] == [(200, 1), (201, 1), (207, 2)]
+    run_script(["benchmarks/specialize_ab.py", "--smoke", "--out", str(tmp_path)], tmp_path, backend="triton")
+    rows = json.loads((tmp_path / "specialize_ab.json").read_text())["rows"]
+    assert len(rows) == 7 and all(r["equal_outputs"] for r in rows), rows
