@@ -154,6 +154,8 @@ PREFILL_CASES = [  # (plan, dtype, lengths, starts, width)
     ("gqa_sink5", torch.float32, [20, 31], [70, 9], 33),
     ("gqa_sink0", torch.float32, [0, 29], [0, 4], 29),  # a row of padding only
     ("gqa_sink5", torch.float64, [40, 23], [0, 2], 40),  # GPU: float64 runs the torch reference
+    ("gqa_sink5", torch.float32, [11, 7], [5, 0], 11),  # shorter than 16: every block is the tail
+    ("gqa_sink0", torch.float32, [37, 5], [0, 2], 37),  # row 2's first 32 tokens (the blocks below the tail) padding
 ]
 
 
