@@ -96,7 +96,7 @@ if HAS_TRITON:
     # The position ids' row stride follows the prompt's length (rows > 1): not specialized on, or Triton would compile
     # again whenever it became or stopped being a multiple of 16 (benchmarks/compile_variants.py); knowing it made no
     # difference in time. The length itself stays specialized: at lengths that are multiples of 16 the kernel ran
-    # 16-25% faster at 4k and 1-10% at 16k-32k (benchmarks/specialize_ab.py), for one more compile per config.
+    # 15-25% faster at 4k and 4-10% at 16k-32k (benchmarks/specialize_ab.py), for one more compile per config.
     @triton.jit(do_not_specialize=["stride_pb"])
     def _moa_prefill_fwd(
         Q, K, V, Out, QPos, Alpha, Beta,

@@ -4,6 +4,7 @@ library cannot break them unnoticed between GPU sessions."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def test_bench_generate_smoke(tmp_path):
     rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
     methods = ["hf-dynamic", "moa-eager", "moa-graph", "moa-graph-reuse", "moa_generate"]
     assert [r["method"] for r in rows[:5]] == methods
-    assert all("error" not in r and r["ms_per_token"] > 0 for r in rows), rows
+    # a tiny model's per-token time is a difference of two ~equal call times: on a loaded CPU it rounds to 0 or below
+    assert all("error" not in r and math.isfinite(r["ms_per_token"]) for r in rows), rows
 
 
 def test_host_cost_smoke(tmp_path):
