@@ -119,3 +119,16 @@ def dense_plan(num_layers: int, num_kv_heads: int) -> dict:
 def arch_kv(request):
     """(architecture, kv heads): GQA (2 kv heads for 4 query heads) and MHA (4)."""
     return request.param
+
+
+# the balanced decode kernel under the interpreter (the interpreter's own config is the split kernel's)
+BALANCED_INTERPRETED = {"balanced": True, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "num_programs": 5,
+                        "merge_splits": 4}  # fmt: skip
+
+
+def balanced_decode_for_rows(monkeypatch, rows: int) -> None:
+    """Under the interpreter, batches of more than one row decode through the balanced kernel (on a GPU its table
+    picks the kernel)."""
+    decode = remote_module("moa_decode")
+    if decode.INTERPRETED and rows > 1:
+        monkeypatch.setattr(decode, "_INTERPRETER_CONFIG", BALANCED_INTERPRETED)

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_dense, build_moa, random_plan
+from conftest import balanced_decode_for_rows, build_dense, build_moa, random_plan
 
 from moa_hub.remote import remote_module
 
 KERNEL_MODULES = ("moa_decode", "moa_decode_balanced", "moa_prefill", "moa_fused")
 KEPT = {("moa_prefill._moa_prefill_fwd", "seq_len")}  # specialized on purpose (the module docstring)
-# the balanced kernel under the interpreter (the interpreter's own config is the split kernel's)
-_BALANCED_INTERPRETED = {"balanced": True, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "num_programs": 5,
-                         "merge_splits": 4}  # fmt: skip
 
 
 def _kernels() -> dict:
@@ -82,9 +79,7 @@ def test_kernel_keys_do_not_follow_the_prompt_length(monkeypatch, rows):
     multiple of 16 and the sizes below were left unspecialized, the prefill's position stride, the rope's length,
     the cache strides of the decode kernels and their partials' row stride changed class between these calls."""
     monkeypatch.setenv("MOA_BACKEND", "triton")
-    decode = remote_module("moa_decode")
-    if decode.INTERPRETED and rows > 1:
-        monkeypatch.setattr(decode, "_INTERPRETER_CONFIG", _BALANCED_INTERPRETED)
+    balanced_decode_for_rows(monkeypatch, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dense = build_dense("llama", 2, seed=6, hidden_size=128, num_attention_heads=8, intermediate_size=256)
     moa = build_moa(dense, random_plan(2, 2, seed=6)).to(device)

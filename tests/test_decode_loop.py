@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_dense, build_moa, random_plan
+from conftest import balanced_decode_for_rows, build_dense, build_moa, random_plan
 
 from moa_hub.remote import remote_module
 
@@ -262,11 +262,6 @@ def test_graphed_step_follows_a_new_cache_and_reordered_rows(monkeypatch):
     assert [cache.get_seq_length() for cache in caches] == [ids.shape[1] + 1] * 3
 
 
-# the balanced kernel under the interpreter (the interpreter's own config is the split kernel's)
-_BALANCED_INTERPRETED = {"balanced": True, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "num_programs": 5,
-                         "merge_splits": 4}  # fmt: skip
-
-
 @pytest.mark.parametrize("rows", [1, 3], ids=["split kernel", "balanced kernel"])
 def test_prepare_decode_fills_what_a_captured_first_step_reads(monkeypatch, rows):
     """``moa_prepare_decode`` fills the decode kernels' memos for a new cache, so that a capture of its first step
@@ -274,8 +269,7 @@ def test_prepare_decode_fills_what_a_captured_first_step_reads(monkeypatch, rows
     graph: counted as ``unstored``). Without it, the first step's memos are all missing: the test can fail."""
     monkeypatch.setenv("MOA_BACKEND", "triton")
     decode, balanced = remote_module("moa_decode"), remote_module("moa_decode_balanced")
-    if decode.INTERPRETED and rows > 1:
-        monkeypatch.setattr(decode, "_INTERPRETER_CONFIG", _BALANCED_INTERPRETED)
+    balanced_decode_for_rows(monkeypatch, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dense = build_dense("llama", 2, seed=4, hidden_size=128, num_attention_heads=8, intermediate_size=256)
     moa = build_moa(dense, random_plan(2, 2, seed=4)).to(device)
