@@ -2,11 +2,13 @@
 
     PYTHONPATH=. python benchmarks/specialize_ab.py --out $OUT            # the H200 run
     PYTHONPATH=. python benchmarks/specialize_ab.py --before old.py --out $OUT   # also an older moa_prefill.py
+    PYTHONPATH=. python benchmarks/specialize_ab.py --variant a=a.py --variant b=b.py --prefill-only --out $OUT
     PYTHONPATH=. python benchmarks/specialize_ab.py --smoke --out /tmp/s  # CPU check (interpreter)
 
 Arms: "shipped" (the kernels as they are), "default" (the same kernels specialized on every integer argument,
 Triton's default), "length not specialized" (the prefill specialized on neither its length nor the positions' row
-stride), and with ``--before`` the ``moa_prefill`` of that file (prefill cases only). Llama-3-8B attention shapes
+stride), and with ``--before`` the ``moa_prefill`` of that file (prefill cases only); each ``--variant NAME=FILE`` is one
+more such arm. Llama-3-8B attention shapes
 (32 q heads, 8 kv heads, d=128, bf16), the mixed plans of bench_attention.py; prefill at lengths that are multiples
 of 16 and at 4100, decode where the table picks the balanced kernel. Times: CUDA-graph replays, medians
 (triton.testing.do_bench), 3 alternating rounds.
@@ -50,10 +52,10 @@ def specialized(fn, **options):
     return triton.jit(fn.fn, **options)
 
 
-def module_from(path: Path):
+def module_from(path: Path, name: str = "before"):
     """A moa_prefill.py of another version, imported inside the remote package (its relative imports resolve)."""
     remote_module("moa_prefill")
-    spec = importlib.util.spec_from_file_location(f"{PACKAGE_NAME}.moa_prefill_before", path)
+    spec = importlib.util.spec_from_file_location(f"{PACKAGE_NAME}.moa_prefill_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -65,6 +67,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--before", type=Path, help="an older moa_prefill.py, timed as the arm 'before'")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=FILE: another moa_prefill.py, an arm")
+    parser.add_argument("--prefill-only", action="store_true", help="no decode cases")
+    parser.add_argument(
+        "--lengths", default=None, help="prefill lengths, comma-separated (default 4096,4100,16384,32768)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = BenchConfig.smoke() if args.smoke else BenchConfig()
@@ -80,13 +87,17 @@ def main() -> None:
             ),
         },
     }
-    before = module_from(args.before) if args.before else None
-    if before is not None:
-        arms["before"] = {}
-    current = {"prefill": prefill}  # the prefill module the cases call: the older one in the arm "before"
+    modules = {"before": module_from(args.before)} if args.before else {}
+    for spec in args.variant:
+        name, _, path = spec.partition("=")
+        modules[name] = module_from(Path(path), name.replace("-", "_"))
+    arms.update({name: {} for name in modules})
+    current = {"prefill": prefill}  # the prefill module the cases call: another file's in the arms of `modules`
     shipped = {key: getattr(*key) for patch in arms.values() for key in patch}
     cases = []
     lengths = (64, 70) if args.smoke else (4096, 4100, 16384, 32768)
+    if args.lengths:
+        lengths = tuple(int(n) for n in args.lengths.split(","))
     for n in lengths:
         for density in (0.5, 0.25):
             query, key, value, q_pos, rule = prefill_inputs(cfg, n, density)
@@ -101,7 +112,7 @@ def main() -> None:
         query, key, value, q_pos = (t.expand(2, *t.shape[1:]).contiguous() for t in (query, key, value, q_pos))
         cases.append((f"prefill {n} x 2 @ 50%",
                       lambda q=query, k=key, v=value, p=q_pos, r=rule: current["prefill"].moa_prefill(q, k, v, p, *r)))  # fmt: skip
-    for n, bsz in ((64, 2),) if args.smoke else ((8192, 16), (32768, 16), (8192, 64)):
+    for n, bsz in () if args.prefill_only else ((64, 2),) if args.smoke else ((8192, 16), (32768, 16), (8192, 64)):
         for density in (0.5, 0.25):
             alpha, beta = make_plan(n, density, cfg.sink, cfg.min_span, cfg.hkv)
             cache = decode_cache(bsz, n, alpha, beta, cfg.sink, cfg.min_span, cfg.head_dim)
@@ -118,9 +129,9 @@ def main() -> None:
         for arm, patch in arms.items():
             for (module, name), fn in shipped.items():
                 setattr(module, name, patch.get((module, name), fn))
-            current["prefill"] = before if arm == "before" else prefill
+            current["prefill"] = modules.get(arm, prefill)
             for name, fn in cases:
-                if arm == "before" and not name.startswith("prefill"):
+                if arm in modules and not name.startswith("prefill"):
                     continue
                 outputs.setdefault(name, {})[arm] = fn()
                 times[name][arm].append(bench(graphed(fn), rep_ms=50 if args.smoke else 200))

@@ -7,8 +7,9 @@ hold sink positions, (3) the band from the lowest window edge of its queries to 
 Visibility inside every visited tile is the contract's, element by element, with the window edge
 ``lo = i - W(i + 1) + 1`` computed in the kernel by ``moa_window.window_edge`` (the contract's arithmetic,
 tested equal to ``window_at``) from the float64 alpha/beta of the head, so a launch needs no torch ops
-before it and the result equals ``moa_attention_ref``. Tiles strictly inside the band skip the mask. GQA: query head h reads
-kv head ``h // group`` directly; K/V are never repeated. Inputs bf16/fp16/fp32, fp32 accumulation.
+before it and the result equals ``moa_attention_ref``. Tiles strictly inside the band skip the mask; tiles on the
+diagonal test causality only (by index); the others test the whole contract, in int32 (positions below 2**31). GQA:
+query head h reads kv head ``h // group`` directly; K/V are never repeated. Inputs bf16/fp16/fp32, fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ try:
 
     HAS_TRITON = True
     _BIG_C = tl.constexpr(BIG)
+    _INT32_MAX = tl.constexpr(2**31 - 1)
+    _NO_MASK = tl.constexpr(0)  # which visibility tests a tile of keys needs (_attend_tile)
+    _CAUSAL = tl.constexpr(1)
+    _FULL = tl.constexpr(2)
 except ImportError:  # CPU-only installs fall back to the torch reference
     triton = None
     tl = None
@@ -47,24 +52,29 @@ if HAS_TRITON:
     @triton.jit
     def _attend_tile(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, k_pos, load_mask, qp, lo,
-        sm_scale_log2, SINK: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        sm_scale_log2, SINK: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # k, v: [BLOCK_N, D]; k_pos: [BLOCK_N]; qp, lo: [BLOCK_M]; unmasked tiles are whole and valid: no load mask
-        if MASKED:
+        # k, v: [BLOCK_N, D]; k_pos: [BLOCK_N] int32, negative where no key; qp, lo: [BLOCK_M] int32; m_i in scaled
+        # (log2) units. MASK (_NO_MASK, _CAUSAL, _FULL) says which tests the tile needs: unmasked tiles are whole and
+        # valid (no load mask, no test); causal ones need only kp <= qp; full ones the whole contract
+        if MASK != _NO_MASK:
             k = tl.load(k_ptrs, mask=load_mask[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=load_mask[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
-        if MASKED:
-            kp = k_pos[None, :]
-            visible = load_mask[None, :] & (kp >= 0) & (kp <= qp[:, None])
-            visible = visible & ((kp < SINK) | (kp >= lo[:, None]))
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+        if MASK == _CAUSAL:
+            qk = tl.where(k_pos[None, :] <= qp[:, None], qk, float("-inf"))
+        if MASK == _FULL:
+            # per key first: no key is a huge position (after every query); then two int32 tests per element
+            kp = tl.where(k_pos >= 0, k_pos, _INT32_MAX)
+            sink = (kp < SINK)[None, :]
+            kp = kp[None, :]
+            qk = tl.where((kp <= qp[:, None]) & (sink | (kp >= lo[:, None])), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(tl.fma(qk, sm_scale_log2, -m_safe[:, None]))  # the scale folded into one multiply-add
         corr = tl.math.exp2(m_i - m_safe)
         l_i = l_i * corr + tl.sum(p, 1)
         acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -74,29 +84,33 @@ if HAS_TRITON:
     def _attend_range(
         acc, m_i, l_i, q, k_base, v_base, q_row, first, stop, qp, lo, stride_kn, stride_vn,
         sm_scale_log2, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row). Unmasked ranges start
-        # and stop at multiples of BLOCK_N inside the chunk (the inner range below): every tile is whole
+        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row), loaded
+        # only for _FULL tiles: a _CAUSAL range compares key and query indices (qp holds the queries' indices).
+        # Unmasked ranges start and stop at multiples of BLOCK_N inside the chunk (the inner range): every tile whole
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
+        stop32 = stop.to(tl.int32)
         for start in range(first, stop, BLOCK_N):
-            idx = start + offs_n
-            ok = idx < stop
-            kp = idx.to(tl.int64)
-            if MASKED:
-                kp = tl.load(q_row + idx, mask=ok, other=-1).to(tl.int64)
+            idx = start + offs_n  # int64 (the bounds are): 64-bit offsets
+            idx32 = idx.to(tl.int32)  # the tests in int32
+            ok = idx32 < stop32
+            kp = idx32
+            if MASK == _FULL:
+                kp = tl.load(q_row + idx, mask=ok, other=-1).to(tl.int32)
             k_ptrs = k_base + idx[:, None] * stride_kn + offs_d[None, :]
             v_ptrs = v_base + idx[:, None] * stride_vn + offs_d[None, :]
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, ok, qp, lo, sm_scale_log2, SINK, MASKED, DOT_PRECISION
+                acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, ok, qp, lo, sm_scale_log2, SINK, MASK, DOT_PRECISION
             )
         return acc, m_i, l_i
 
     # The position ids' row stride follows the prompt's length (rows > 1): not specialized on, or Triton would compile
     # again whenever it became or stopped being a multiple of 16 (benchmarks/compile_variants.py); knowing it made no
-    # difference in time. The length itself stays specialized: at lengths that are multiples of 16 the kernel ran
-    # 15-25% faster at 4k and 4-10% at 16k-32k (benchmarks/specialize_ab.py), for one more compile per config.
+    # difference in time. The length itself stays specialized: at lengths that are multiples of 16 the kernel runs
+    # 4-6% faster at 4k, 2-4% at 16k and 1-2% at 32k (benchmarks/specialize_ab.py, run S4; 15-20% at 4k before the
+    # masked tiles tested in int32), for one more compile per config.
     @triton.jit(do_not_specialize=["stride_pb"])
     def _moa_prefill_fwd(
         Q, K, V, Out, QPos, Alpha, Beta,
@@ -133,6 +147,10 @@ if HAS_TRITON:
         beta = tl.load(Beta + g).to(tl.float64)
         lo = window_edge(qp, alpha, beta, SINK, MIN_SPAN)  # [BLOCK_M], huge for padding
         q_ok = qp >= 0
+        # the tiles test visibility in int32 (positions below 2**31): a 64-bit compare is two or three instructions
+        # per element, and the masked tiles are bound by instruction issue, not by the tensor cores
+        qp32 = qp.to(tl.int32)
+        lo32 = tl.minimum(lo, _INT32_MAX).to(tl.int32)
         q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
         q = tl.load(q_ptrs, mask=in_seq[:, None])
 
@@ -146,11 +164,11 @@ if HAS_TRITON:
             for start in range(first, stop, BLOCK_N):
                 slots = start + offs_n
                 in_head = slots < stop
-                kp = tl.load(SlotPos + b * stride_sb + slots, mask=in_head, other=-1).to(tl.int64)
+                kp = tl.load(SlotPos + b * stride_sb + slots, mask=in_head, other=-1).to(tl.int32)
                 k_ptrs = CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :]
                 v_ptrs = CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :]
                 acc, m_i, l_i = _attend_tile(
-                    acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, in_head, qp, lo, sm_scale_log2, SINK, True, DOT_PRECISION
+                    acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, in_head, qp32, lo32, sm_scale_log2, SINK, _FULL, DOT_PRECISION
                 )
 
         # positions of valid tokens are consecutive and end the row: index t holds position t + shift
@@ -176,20 +194,23 @@ if HAS_TRITON:
         inner_lo = tl.where(inner_ok, inner_lo, band_hi)
         inner_hi = tl.minimum(tl.maximum(((pid_m * BLOCK_P) // BLOCK_N) * BLOCK_N, inner_lo), band_hi)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, q_row, 0, sink_end, qp, lo, stride_kn, stride_vn, sm_scale_log2,
-            SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
+            acc, m_i, l_i, q, k_base, v_base, q_row, 0, sink_end, qp32, lo32, stride_kn, stride_vn, sm_scale_log2,
+            SINK, HEAD_DIM, BLOCK_N, _FULL, DOT_PRECISION,
         )  # fmt: skip
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, q_row, band_lo, inner_lo, qp, lo, stride_kn, stride_vn, sm_scale_log2,
-            SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
+            acc, m_i, l_i, q, k_base, v_base, q_row, band_lo, inner_lo, qp32, lo32, stride_kn, stride_vn,
+            sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _FULL, DOT_PRECISION,
         )  # fmt: skip
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, q_row, inner_lo, inner_hi, qp, lo, stride_kn, stride_vn, sm_scale_log2,
-            SINK, HEAD_DIM, BLOCK_N, False, DOT_PRECISION,
+            acc, m_i, l_i, q, k_base, v_base, q_row, inner_lo, inner_hi, qp32, lo32, stride_kn, stride_vn,
+            sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _NO_MASK, DOT_PRECISION,
         )  # fmt: skip
+        # the diagonal: every key valid and at or after every query's window edge (it starts at or after inner_lo),
+        # so only causality is left, by index: key idx <= query row (valid rows: both positions are index + shift;
+        # padding rows precede every valid key)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, k_base, v_base, q_row, inner_hi, band_hi, qp, lo, stride_kn, stride_vn, sm_scale_log2,
-            SINK, HEAD_DIM, BLOCK_N, True, DOT_PRECISION,
+            acc, m_i, l_i, q, k_base, v_base, q_row, inner_hi, band_hi, offs_m.to(tl.int32), lo32, stride_kn,
+            stride_vn, sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _CAUSAL, DOT_PRECISION,
         )  # fmt: skip
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -211,13 +232,14 @@ def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
 
 
 # (longest chunk, launch config), d=128 bf16, by length bucket. benchmarks/bench_attention.py's sweep times the
-# candidates per bucket on the GPU (both densities) and prints this table filled with the winners (H200 sweep of
-# 2026-11-25 02:4x UTC, 23 candidates, `--prefill-only --skip-flex`). PACK: query heads of a group per program.
+# candidates per bucket on the GPU (both densities) and prints this table filled with the winners (H200 sweeps of
+# 2026-11-25 02:4x and 22:1x UTC, 23 candidates, `--prefill-only --skip-flex`; the second changed only the last
+# bucket: 6% faster at 64k, 231,424 bytes of shared memory). PACK: query heads of a group per program.
 PREFILL_CONFIGS = [
     (2048, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "PACK": 4}),
     (8192, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PACK": 4}),
     (32768, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PACK": 4}),
-    (2**62, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "PACK": 4}),
+    (2**62, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "PACK": 4}),
 ]
 
 

@@ -5,7 +5,7 @@ Triton compiles a kernel once per specialization key, and the key holds, for eve
 (a length, a stride of a cache sized for the prompt) flips between those classes from one call to the next, and the
 call that flips it pays a compile (1.2-2.8 s per kernel on the H200: ``benchmarks/compile_variants.py``).
 
-The prefill's length stays specialized on purpose: at lengths that are multiples of 16 the kernel is 15-25% faster at
+The prefill's length stays specialized on purpose: at lengths that are multiples of 16 the kernel is 4-6% faster at
 4k (``benchmarks/specialize_ab.py``), so each prefill config compiles twice at most.
 """
 
