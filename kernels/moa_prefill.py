@@ -86,9 +86,9 @@ if HAS_TRITON:
         sm_scale_log2, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # keys [first, stop) of the chunk; their positions are the chunk's q_pos (row q_row), loaded
-        # only for _FULL tiles: a _CAUSAL range compares key and query indices (qp holds the queries' indices).
-        # Unmasked ranges start and stop at multiples of BLOCK_N inside the chunk (the inner range): every tile whole
+        # keys [first, stop) of the chunk. _FULL tiles load their positions (the chunk's q_pos, row q_row); a _CAUSAL
+        # range compares key and query indices instead (qp holds the queries' indices). Unmasked ranges start and stop
+        # at multiples of BLOCK_N inside the chunk (the inner range): every tile is whole
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         stop32 = stop.to(tl.int32)
