@@ -126,3 +126,10 @@ def test_compile_variants_and_specialize_ab_smoke(tmp_path):
     run_script(["benchmarks/specialize_ab.py", "--smoke", "--out", str(tmp_path)], tmp_path, backend="triton")
     rows = json.loads((tmp_path / "specialize_ab.json").read_text())["rows"]
     assert len(rows) == 7 and all(r["equal_outputs"] for r in rows), rows
+    # other prefill files as arms (here the shipped one twice: equal outputs), prefill cases only, chosen lengths
+    kernel = "kernels/moa_prefill.py"
+    args = ["--before", kernel, "--variant", f"copy={kernel}", "--prefill-only", "--lengths", "64"]
+    run_script(["benchmarks/specialize_ab.py", "--smoke", *args, "--out", str(tmp_path)], tmp_path, backend="triton")
+    rows = json.loads((tmp_path / "specialize_ab.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["prefill 64 @ 50%", "prefill 64 @ 25%", "prefill 70 x 2 @ 50%"], rows
+    assert all({"before", "copy"} <= set(r["ms"]) and r["equal_outputs"] for r in rows), rows
