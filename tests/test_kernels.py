@@ -410,36 +410,25 @@ def test_window_lo_is_the_contract_edge():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_prefill_long_ragged(dtype):
-    plan = dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[300.0, -100.0], beta=[0.0, 0.45])
-    alpha, beta = plan_tensors(plan)
-    lengths, width = [1000, 777], 1000
-    query = torch.randn(2, 8, width, 128, device=DEVICE, dtype=dtype)
-    key, value = (torch.randn(2, 2, width, 128, device=DEVICE, dtype=dtype) for _ in range(2))
-    q_pos = chunk_positions(lengths, width, [0, 50])
-    args = (q_pos, alpha, beta, plan["sink"], plan["min_span"])
-    out = prefill.moa_prefill(query, key, value, *args)
-    ref64 = reference.moa_attention_ref(query.double(), key.double(), value.double(), q_pos, *args)
-    check_close(out, ref64, torch_same_dtype(query, key, value, q_pos, *args), dtype)
-
-
-@gpu
-@needs_cuda
-def test_gpu_prefill_every_table_config():
-    """Every PREFILL_CONFIGS entry (the one for chunks over 32k too, at a short length), on left-padded rows whose
-    positions start above 0, with windows wider and narrower than a tile (their diagonal tiles test causality alone)
-    and a sink of 0 and 64, in bf16 and fp16, against float64."""
+    """``moa_prefill`` (the table's config) and every PREFILL_CONFIGS entry (the one for chunks over 32k too, at a
+    short length), on left-padded rows whose positions start above 0, with windows wider and narrower than a tile
+    (their diagonal tiles test causality alone) and a sink of 64 and 0, against float64."""
     plans = [
         dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[300.0, -100.0], beta=[0.0, 0.45]),
         dict(hkv=2, hq=8, sink=0, min_span=8, alpha=[20.0, 3.0], beta=[0.0, 0.05]),
     ]
-    lengths, width = [1000, 743], 1000
-    q_pos = chunk_positions(lengths, width, [0, 57])
-    for plan, (_, config), dtype in itertools.product(plans, prefill.PREFILL_CONFIGS, (torch.bfloat16, torch.float16)):
+    lengths, width = [1000, 777], 1000
+    q_pos = chunk_positions(lengths, width, [0, 50])
+    configs = [None] + [config for _, config in prefill.PREFILL_CONFIGS]
+    for plan, config in itertools.product(plans, configs):
         alpha, beta = plan_tensors(plan)
         query = torch.randn(2, 8, width, 128, device=DEVICE, dtype=dtype)
         key, value = (torch.randn(2, 2, width, 128, device=DEVICE, dtype=dtype) for _ in range(2))
         rule = (alpha, beta, plan["sink"], plan["min_span"])
-        out = prefill._launch_prefill(query, key, value, q_pos, alpha, beta, None, 128**-0.5, *rule[2:], config)
+        if config is None:
+            out = prefill.moa_prefill(query, key, value, q_pos, *rule)
+        else:
+            out = prefill._launch_prefill(query, key, value, q_pos, alpha, beta, None, 128**-0.5, *rule[2:], config)
         ref64 = reference.moa_attention_ref(query.double(), key.double(), value.double(), q_pos, q_pos, *rule)
         check_close(out, ref64, torch_same_dtype(query, key, value, q_pos, q_pos, *rule), dtype)
 
