@@ -35,6 +35,7 @@ import functools
 import gc
 import importlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -427,25 +428,55 @@ def memory_case(dense, moa, context: int, bsz: int, new: int, chunk: int) -> lis
     return rows
 
 
-def prefill_latency(dense, moa, lengths: list[int]) -> list[dict]:
+ATTENTION_KERNEL = re.compile(r"attn|attention|flash|fmha|cudnn|_moa_prefill|sdpa", re.IGNORECASE)
+
+
+def prefill_kernels(call) -> dict:
+    """One more call of ``call`` under torch.profiler: device time summed per kernel, split into attention and the
+    rest (GEMMs, norms, RoPE, the cache write), in ms, with the five longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity, device_type = (
+        (ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA) if CUDA else (ProfilerActivity.CPU, torch.autograd.DeviceType.CPU)
+    )  # the CPU (smoke test) sums its ops' own times instead
+    with profile(activities=[activity]) as prof:
+        call()
+        sync()
+    per_name: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == device_type:
+            us = evt.device_time_total if CUDA else evt.self_cpu_time_total
+            per_name[evt.name] = per_name.get(evt.name, 0.0) + us / 1e3
+    attention = sum(ms for name, ms in per_name.items() if ATTENTION_KERNEL.search(name))
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:5]
+    return dict(kernels_ms=round(sum(per_name.values()), 1), attention_ms=round(attention, 1),
+                top=[dict(name=name[:80], ms=round(ms, 1)) for name, ms in top])  # fmt: skip
+
+
+def prefill_latency(dense, moa, lengths: list[int], kernels: bool = False) -> list[dict]:
     rows = []
     for n in lengths:
         ids = torch.randint(3, dense.config.vocab_size, (1, n), device=DEV)
         for method in ("hf-dynamic", "moa-50", "moa-25"):
             cleanup()
-            reps = 3 if n <= 32768 else 1
+            # Lengths over 32k: one untimed call first, so that the single timed one pays no Triton compile (the
+            # kernels' >32k launch config is compiled at its first use) and no first-touch of the allocator.
+            reps, warm = (3, 0) if n <= 32768 else (2, 1)
+            if method != "hf-dynamic":
+                set_plan(moa, plans(dense, n)[method])
+            call = (lambda: dense_prefill(dense, ids)) if method == "hf-dynamic" else (lambda: moa_prefill(moa, ids, n))
             times = []
-            for _ in range(reps):
+            for i in range(warm + reps):
                 sync()
                 t0 = time.perf_counter()
-                if method == "hf-dynamic":
-                    dense_prefill(dense, ids)
-                else:
-                    set_plan(moa, plans(dense, n)[method])
-                    moa_prefill(moa, ids, n)
+                call()
                 sync()
-                times.append(time.perf_counter() - t0)
-            row = dict(length=n, method=method, prefill_s=round(statistics.median(times), 4), repeats=reps)
+                if i >= warm:
+                    times.append(time.perf_counter() - t0)
+            row = dict(length=n, method=method, prefill_s=round(statistics.median(times), 4), repeats=reps, warmup=warm,
+                       all_s=[round(t, 4) for t in times])  # fmt: skip
+            if kernels:
+                row.update(prefill_kernels(call))
             rows.append(row)
             log(json.dumps(row))
     return rows
@@ -465,6 +496,10 @@ def parse_args():
         "--memory", default="16384:32:32", help="context:batch:new for the peak-memory case ('' = skip)"
     )
     parser.add_argument("--prefill-lengths", default="4096,32768,131072")
+    parser.add_argument(
+        "--prefill-kernels", action="store_true",
+        help="profile one more prefill per length and method: device time of attention and of the other kernels",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny model and lengths (CPU check of the script)")
     parser.add_argument(
         "--from-folder", type=Path, default=None, metavar="WORKDIR",
@@ -512,7 +547,8 @@ def main() -> None:
         result["memory"] = memory_case(dense, moa, context, bsz, new, chunk=min(4096, context))
         save()
     if args.prefill_lengths:
-        result["prefill"] = prefill_latency(dense, moa, [int(x) for x in args.prefill_lengths.split(",")])
+        lengths = [int(x) for x in args.prefill_lengths.split(",")]
+        result["prefill"] = prefill_latency(dense, moa, lengths, kernels=args.prefill_kernels)
         save()
     print_tables(result)
 

@@ -27,13 +27,16 @@ def test_bench_e2e_smoke_loads_a_converted_folder(tmp_path):
     """--from-folder: save, convert with the exporter, from_pretrained(trust_remote_code=True), decode through it."""
     out = tmp_path / "out"
     run_script(["benchmarks/bench_e2e.py", "--smoke", "--from-folder", str(tmp_path / "work"),
-                "--methods", "hf-dynamic,moa-50", "--memory", "", "--prefill-lengths", "", "--out", str(out)],
+                "--methods", "hf-dynamic,moa-50", "--prefill-kernels", "--out", str(out)],
                tmp_path)  # fmt: skip
     result = json.loads((out / "e2e.json").read_text())
     assert result["meta"]["loaded"]["moa_class"].startswith("transformers_modules.")  # the folder's own code ran
     rows = result["decode"]
     assert {r["method"] for r in rows} == {"hf-dynamic", "moa-50"}
     assert all("error" not in r and r["tok_s"] > 0 for r in rows), rows
+    prefill = result["prefill"]  # --smoke: one length, each method timed 3 times and profiled once more
+    assert {r["method"] for r in prefill} == {"hf-dynamic", "moa-50", "moa-25"}
+    assert all(len(r["all_s"]) == 3 and r["kernels_ms"] > 0 and r["top"] for r in prefill), prefill
 
 
 def test_profile_step_smoke(tmp_path):
