@@ -437,7 +437,9 @@ def prefill_kernels(call) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activity, device_type = (
-        (ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA) if CUDA else (ProfilerActivity.CPU, torch.autograd.DeviceType.CPU)
+        (ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA)
+        if CUDA
+        else (ProfilerActivity.CPU, torch.autograd.DeviceType.CPU)
     )  # the CPU (smoke test) sums its ops' own times instead
     with profile(activities=[activity]) as prof:
         call()
@@ -464,7 +466,11 @@ def prefill_latency(dense, moa, lengths: list[int], kernels: bool = False) -> li
             reps, warm = (3, 0) if n <= 32768 else (2, 1)
             if method != "hf-dynamic":
                 set_plan(moa, plans(dense, n)[method])
-            call = (lambda: dense_prefill(dense, ids)) if method == "hf-dynamic" else (lambda: moa_prefill(moa, ids, n))
+            call = (
+                functools.partial(dense_prefill, dense, ids)
+                if method == "hf-dynamic"
+                else functools.partial(moa_prefill, moa, ids, n)
+            )
             times = []
             for i in range(warm + reps):
                 sync()
