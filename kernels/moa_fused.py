@@ -10,7 +10,8 @@ where those ops do (so results match torch up to the order of the RMSNorm sum):
   (Llama / Mistral / Qwen2 RMSNorm) of ``h = residual + x`` when a residual is given, returning (h, normed);
 - ``rope(q, k, cos, sin)``: ``x * cos + rotate_half(x) * sin`` for the query and key heads at once;
 - ``silu_mul(gate, up)``: ``silu(gate) * up`` (the Llama MLP's activation; gate and up may be row-strided views);
-- ``append_token(...)``: the cache write of one decode token per row (``MoaCacheLayer.write_token``).
+- ``append_token(...)``: the cache write of one decode token per row (``MoaCacheLayer.write_token``);
+- ``write_chunk(...)``: the cache write of a prefill chunk (``MoaCacheLayer.write``), only the tokens kept.
 """
 
 from __future__ import annotations
@@ -137,6 +138,32 @@ if HAS_TRITON:
         if g == 0:
             tl.store(NextPos + b, tl.load(NextPos + b) + (pos >= 0).to(tl.int64))
 
+    @triton.jit(do_not_specialize=["length", "skb", "svb", "sqb"])  # these follow the chunk's length
+    def _write_chunk_kernel(
+        Key, Value, QPos, Last, CacheK, CacheV, SlotPos, HeadOff, HeadCap,
+        length, skb, skh, skl, svb, svh, svl, sqb, sql, sckb, sckn, scvb, scvn, ssb,
+        SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):  # fmt: skip
+        # one program per (block of the chunk's tokens, row, kv head); only the tokens the head keeps are read and
+        # written (evicted ones and padding touch nothing), each to its own slot (docs/internals.md)
+        t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(2).to(tl.int64)
+        tt = t.to(tl.int64)
+        pos = tl.load(QPos + b * sqb + tt * sql, mask=t < length, other=-1).to(tl.int64)
+        last = tl.load(Last + b).to(tl.int64)
+        off = tl.load(HeadOff + g).to(tl.int64)
+        ring = tl.load(HeadCap + g).to(tl.int64) - SINK
+        keep = (pos >= 0) & ((pos < SINK) | (pos > last - ring))
+        slot = tl.where(pos < SINK, off + pos, off + SINK + tl.maximum(pos - SINK, 0) % ring)
+        d = tl.arange(0, BLOCK_D)
+        mask = keep[:, None] & (d[None, :] < HEAD_DIM)
+        k = tl.load(Key + b * skb + g * skh + tt[:, None] * skl + d[None, :], mask=mask)
+        v = tl.load(Value + b * svb + g * svh + tt[:, None] * svl + d[None, :], mask=mask)
+        tl.store(CacheK + b * sckb + slot[:, None] * sckn + d[None, :], k.to(CacheK.dtype.element_ty), mask=mask)
+        tl.store(CacheV + b * scvb + slot[:, None] * scvn + d[None, :], v.to(CacheV.dtype.element_ty), mask=mask)
+        tl.store(SlotPos + b * ssb + slot, pos.to(tl.int32), mask=keep)
+
 
 def available(tensor: torch.Tensor) -> bool:
     """The fused kernels run on CUDA tensors of 16/32-bit floats (or anywhere under TRITON_INTERPRET=1)."""
@@ -239,4 +266,29 @@ def append_token(key, value, q_pos, cache_keys, cache_values, slot_pos, head_off
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), q_pos.stride(0),
         cache_keys.stride(0), cache_keys.stride(1), cache_values.stride(0), cache_values.stride(1),
         slot_pos.stride(0), trash_slot, SINK=sink, HEAD_DIM=dim, num_warps=1,
+    )  # fmt: skip
+
+
+def write_chunk(key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity, sink: int) -> None:
+    """Write a chunk of tokens into their kv heads' slots (``MoaCacheLayer.write``, without its scatter).
+
+    key/value: [B, Hkv, L, D] (any strides with a contiguous last dim); q_pos: [B, L] position ids, -1 for padding;
+    the cache tensors as ``MoaCacheLayer`` holds them, already sized for the chunk. A head keeps its sink positions
+    and the last ``capacity - sink`` positions of the row; only those tokens are read and written, and the other
+    slots are left as they are. One launch, no host sync.
+    """
+    bsz, num_heads, length, dim = key.shape
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    last = q_pos.amax(dim=-1)  # [B] the newest position of each row
+    block_d = triton.next_power_of_2(dim)
+    block_l = 16 if INTERPRETED else max(16, 8192 // block_d)
+    if length == 0 or bsz == 0:
+        return
+    _write_chunk_kernel[(triton.cdiv(length, block_l), bsz, num_heads)](
+        key, value, q_pos, last, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
+        length, key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        q_pos.stride(0), q_pos.stride(1), cache_keys.stride(0), cache_keys.stride(1), cache_values.stride(0),
+        cache_values.stride(1), slot_pos.stride(0),
+        SINK=sink, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=1 if INTERPRETED else 4,
     )  # fmt: skip

@@ -133,7 +133,8 @@ def moa_attention(
     else:
         out = _prefill(query, key, value, q_pos, a, b, sink, min_span, scale, backend)
     if layer is not None:
-        layer.write(key, value, q_pos)
+        fused = fused_kernels(key) if backend == "triton" else None
+        layer.write(key, value, q_pos, fused.write_chunk if fused is not None else None)
     return out
 
 

@@ -258,13 +258,24 @@ class MoaCacheLayer(CacheLayerMixin):
         self.slot_pos.scatter_(1, slot, pos.to(torch.int32))
         self.slot_pos[:, self.trash_slot] = -1
 
-    def write(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor) -> None:
-        """Append a chunk. key/value: [B, Hkv, L, D]; q_pos: [B, L] position ids, -1 for padding."""
+    def write(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor, write_chunk=None) -> None:
+        """Append a chunk. key/value: [B, Hkv, L, D]; q_pos: [B, L] position ids, -1 for padding.
+
+        write_chunk: ``moa_fused.write_chunk`` (one launch that reads and writes only the tokens each head keeps),
+        or None for the torch scatter, which sends evicted tokens and padding to the trash slot.
+        """
         if self._needs_storage(key):
             self.lazy_initialization(key, value)
         bsz, num_heads, length, head_dim = key.shape
         self.seq_len += length
         self.reserve(self.seq_len)
+        if write_chunk is not None:
+            write_chunk(
+                key, value, q_pos, self.keys, self.values, self.slot_pos, self.head_offset, self.head_capacity,
+                self.sink,
+            )  # fmt: skip
+            self.next_pos += (q_pos >= 0).sum(dim=-1)
+            return
         pos = q_pos[:, None, :].expand(bsz, num_heads, length)  # [B, Hkv, L]
         last = pos.amax(dim=-1, keepdim=True)  # [B, Hkv, 1] newest position of each row
         ring = (self.head_capacity - self.sink).view(1, num_heads, 1)

@@ -115,6 +115,14 @@ def test_bench_generate_smoke(tmp_path):
     assert all("error" not in r and math.isfinite(r["ms_per_token"]) for r in rows), rows
 
 
+def test_cache_write_smoke(tmp_path):
+    """The script checks write_chunk against the torch scatter slot for slot before it times them."""
+    run_script(["benchmarks/cache_write.py", "--smoke", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "cache_write.json").read_text())["rows"]
+    assert [(r["rows"], r["density"]) for r in rows] == [(1, 0.5), (1, 0.25), (2, 0.5), (2, 0.25)]
+    assert all(r["torch_ms"] > 0 and r["fused_ms"] > 0 for r in rows), rows
+
+
 def test_host_cost_smoke(tmp_path):
     run_script(["benchmarks/host_cost.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
     result = json.loads((tmp_path / "host_cost.json").read_text())

@@ -85,7 +85,8 @@ def test_kernel_keys_do_not_follow_the_prompt_length(monkeypatch, rows):
     moa = build_moa(dense, random_plan(2, 2, seed=6)).to(device)
     kernels = _kernels()
     assert {"moa_prefill._moa_prefill_fwd", "moa_decode._moa_decode_split", "moa_fused._append_token_kernel",
-            "moa_fused._rope_kernel", "moa_decode_balanced._moa_decode_balanced"} <= set(kernels)  # fmt: skip
+            "moa_fused._rope_kernel", "moa_fused._write_chunk_kernel",
+            "moa_decode_balanced._moa_decode_balanced"} <= set(kernels)  # fmt: skip
     keys, kept = _record(monkeypatch, kernels)
     kw = remote_module("moa_model").cache_argument(type(moa).forward)
     keys_per_call, used = [], []
@@ -100,7 +101,7 @@ def test_kernel_keys_do_not_follow_the_prompt_length(monkeypatch, rows):
     assert len({n for n, _ in used}) == 3, used  # three cache sizes
     assert all(slots % 16 == 0 and slots - 16 < n <= slots for n, slots in used), used
     decode_kernel = "moa_decode_balanced._moa_decode_balanced" if rows > 1 else "moa_decode._moa_decode_split"
-    assert decode_kernel in keys_per_call[0]
+    assert decode_kernel in keys_per_call[0] and "moa_fused._write_chunk_kernel" in keys_per_call[0]
     assert kept == {("moa_prefill._moa_prefill_fwd", "seq_len"): {"16k", "other"}}
     for label in keys_per_call[0]:
         seen = [keys.get(label) for keys in keys_per_call]

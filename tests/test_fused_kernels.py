@@ -136,6 +136,37 @@ def test_append_token_writes_what_the_torch_cache_write_writes():
             assert layers[1].seq_len == layers[0].seq_len
 
 
+@pytest.mark.parametrize("dim,dtype", [(16, torch.float32), (24, torch.float16)])
+def test_write_chunk_writes_what_the_torch_cache_write_writes(dim, dtype):
+    """Chunks written by ``moa_fused.write_chunk`` against the torch scatter, slot for slot: sink positions, a chunk
+    longer than a head's ring (it wraps inside the chunk), chunks on an existing cache, left padding, a row that is
+    all padding, key/value as transposed projection views, a head dim that is not a power of two, a dynamic cache
+    that grows between chunks, and chunks of one token."""
+    alpha, beta, sink, min_span = [6.0, 3.0, 40.0], [0.0, 0.25, 0.0], 4, 8
+    bsz, hkv = 4, 3
+    for max_len, chunks in ((64, (5, 30, 1, 9)), (None, (13, 2, 26, 1)), (64, (50,))):
+        layers = [cache_mod.MoaCacheLayer(alpha, beta, sink, min_span, max_cache_len=max_len) for _ in range(2)]
+        gen = torch.Generator(device=DEVICE).manual_seed(sum(chunks))
+        start = torch.tensor([0, -3, -9, -1000], device=DEVICE)  # rows 1, 2 left-padded; row 3 padding throughout
+        done = 0
+        for length in chunks:
+            proj = torch.randn(bsz, length, 2 * hkv, dim, device=DEVICE, generator=gen).to(dtype)
+            key, value = proj[:, :, :hkv].transpose(1, 2), proj[:, :, hkv:].transpose(1, 2)  # [B, Hkv, L, D] views
+            q_pos = start[:, None] + torch.arange(done, done + length, device=DEVICE)
+            q_pos = torch.where(q_pos < 0, -1, q_pos)
+            layers[0].write(key, value, q_pos)
+            layers[1].write(key, value, q_pos, fused.write_chunk)
+            done += length
+            assert layers[1].capacity == layers[0].capacity and layers[1].seq_len == layers[0].seq_len
+            for name in ("keys", "values", "slot_pos", "next_pos"):  # the torch path sends evicted tokens to trash
+                fused_t, torch_t = getattr(layers[1], name), getattr(layers[0], name)
+                if name in ("keys", "values"):
+                    fused_t, torch_t = fused_t[:, :-1], torch_t[:, :-1]
+                torch.testing.assert_close(fused_t, torch_t, rtol=0, atol=0)
+        ring_full = layers[1].slot_pos[0] >= 0
+        assert int(ring_full.sum()) == sum(layers[1].capacity), "every head's slots hold a token by the end"
+
+
 @pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 2), ("mistral", 4)])
 def test_fused_stack_equals_the_transformers_layers(monkeypatch, arch, kv):
     """Prefill and decode steps of a MoA model: fused kernels on vs MOA_FUSED=0, same logits and cache."""
