@@ -123,6 +123,13 @@ def test_cache_write_smoke(tmp_path):
     assert all(r["torch_ms"] > 0 and r["fused_ms"] > 0 for r in rows), rows
 
 
+def test_prefill_write_ab_smoke(tmp_path):
+    run_script(["benchmarks/prefill_write_ab.py", "--smoke", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "prefill_write_ab.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["moa-50", "moa-25"]
+    assert all(len(r["all_s"]["scatter"]) == len(r["all_s"]["write_chunk"]) == 2 for r in rows), rows
+
+
 def test_host_cost_smoke(tmp_path):
     run_script(["benchmarks/host_cost.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
     result = json.loads((tmp_path / "host_cost.json").read_text())
