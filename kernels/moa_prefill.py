@@ -1,9 +1,10 @@
 """Triton prefill kernel for MoA attention: causal flash attention over the sink and the band only.
 
 Each program owns one block of query positions of ``PACK`` query heads of one GQA group (their rows stacked in
-one tile: the group's K/V tiles are read once for all of them). It visits, in key-index space,
-(1) the old cache slots of its kv head (chunked prefill / multi-turn only), (2) the key blocks that
-hold sink positions, (3) the band from the lowest window edge of its queries to the diagonal.
+one tile: the group's K/V tiles are read once for all of them). It visits (1) the old cache of its kv head
+(chunked prefill / multi-turn only), in position order: the sink positions, then the ring's positions from the
+lowest window edge of its queries on, gathered by slot; (2) the chunk's key blocks that hold sink positions;
+(3) the chunk's band from the lowest window edge of its queries to the diagonal.
 Visibility inside every visited tile is the contract's, element by element, with the window edge
 ``lo = i - W(i + 1) + 1`` computed in the kernel by ``moa_window.window_edge`` (the contract's arithmetic,
 tested equal to ``window_at``) from the float64 alpha/beta of the head, so a launch needs no torch ops
@@ -106,6 +107,31 @@ if HAS_TRITON:
             )
         return acc, m_i, l_i
 
+    @triton.jit
+    def _attend_cache(
+        acc, m_i, l_i, q, ck_base, cv_base, off, ring, first, stop, qp, lo, stride_ckn, stride_cvn,
+        sm_scale_log2, SINK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # cache positions [first, stop) of one row and kv head, tiles in position order: position p sits at slot
+        # off + p (p < SINK) or off + SINK + (p - SINK) % ring (docs/internals.md), so a tile's keys are gathered by
+        # row (each a contiguous head_dim run) and their positions are known without a load. Unmasked ranges hold
+        # whole tiles only
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start in range(first, stop, BLOCK_N):
+            pos = start + offs_n  # int32
+            ok = pos < stop
+            slot = off + tl.where(pos < SINK, pos, SINK + tl.maximum(pos - SINK, 0) % ring)
+            slot64 = slot.to(tl.int64)
+            k_ptrs = ck_base + slot64[:, None] * stride_ckn + offs_d[None, :]
+            v_ptrs = cv_base + slot64[:, None] * stride_cvn + offs_d[None, :]
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k_ptrs, v_ptrs, tl.where(ok, pos, -1), ok, qp, lo, sm_scale_log2, SINK, MASK,
+                DOT_PRECISION,
+            )  # fmt: skip
+        return acc, m_i, l_i
+
     # The position ids' row stride follows the prompt's length (rows > 1): not specialized on, or Triton would compile
     # again whenever it became or stopped being a multiple of 16 (benchmarks/compile_variants.py); knowing it made no
     # difference in time. The length itself stays specialized: at lengths that are multiples of 16 the kernel runs
@@ -114,12 +140,12 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["stride_pb"])
     def _moa_prefill_fwd(
         Q, K, V, Out, QPos, Alpha, Beta,
-        CacheK, CacheV, SlotPos, HeadOff, HeadCap,
+        CacheK, CacheV, CacheLen, HeadOff, HeadCap,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
-        stride_pb, stride_ckb, stride_ckn, stride_cvb, stride_cvn, stride_sb,
+        stride_pb, stride_ckb, stride_ckn, stride_cvb, stride_cvn,
         seq_len, num_q_heads, sm_scale_log2,
         GROUP: tl.constexpr, SINK: tl.constexpr, MIN_SPAN: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, HAS_CACHE: tl.constexpr,
@@ -136,7 +162,6 @@ if HAS_TRITON:
         rows = tl.arange(0, BLOCK_M)
         h = h0 + rows // BLOCK_P  # [BLOCK_M]
         offs_m = pid_m * BLOCK_P + rows % BLOCK_P
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_seq = offs_m < seq_len
 
@@ -158,18 +183,40 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        if HAS_CACHE:  # old cache contents of kv head g: every slot, positions from slot_pos
-            first = tl.load(HeadOff + g).to(tl.int32)
-            stop = first + tl.load(HeadCap + g).to(tl.int32)
-            for start in range(first, stop, BLOCK_N):
-                slots = start + offs_n
-                in_head = slots < stop
-                kp = tl.load(SlotPos + b * stride_sb + slots, mask=in_head, other=-1).to(tl.int32)
-                k_ptrs = CacheK + b * stride_ckb + slots[:, None] * stride_ckn + offs_d[None, :]
-                v_ptrs = CacheV + b * stride_cvb + slots[:, None] * stride_cvn + offs_d[None, :]
-                acc, m_i, l_i = _attend_tile(
-                    acc, m_i, l_i, q, k_ptrs, v_ptrs, kp, in_head, qp32, lo32, sm_scale_log2, SINK, _FULL, DOT_PRECISION
-                )
+        if HAS_CACHE:
+            # the old cache of kv head g holds positions [0, P) of row b (the row's positions are consecutive: left
+            # padding only): the sink positions at their own slots, and the last ``ring`` positions in the ring. A
+            # query block visits the sink, then the ring positions from its lowest window edge on: masked up to its
+            # highest edge, unmasked after (each key is older than every valid query: causal), masked in the last
+            # partial tile
+            off = tl.load(HeadOff + g).to(tl.int32)
+            ring = tl.load(HeadCap + g).to(tl.int32) - SINK
+            cached = tl.load(CacheLen + b).to(tl.int32)
+            any_q = tl.max(q_ok.to(tl.int32)) > 0
+            cached = tl.where(any_q, cached, 0)  # a block of padding rows reads nothing
+            lo_lo = tl.min(tl.where(q_ok, lo32, _INT32_MAX))
+            lo_hi = tl.max(tl.where(q_ok, lo32, -1))
+            ck_base = CacheK + b * stride_ckb
+            cv_base = CacheV + b * stride_cvb
+            ring_lo = tl.minimum(tl.maximum(tl.maximum(cached - ring, SINK), lo_lo), cached)
+            ring_mid = tl.minimum(tl.maximum(lo_hi, ring_lo), cached)
+            ring_whole = ring_mid + ((cached - ring_mid) // BLOCK_N) * BLOCK_N
+            acc, m_i, l_i = _attend_cache(
+                acc, m_i, l_i, q, ck_base, cv_base, off, ring, 0, tl.minimum(cached, SINK), qp32, lo32,
+                stride_ckn, stride_cvn, sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _FULL, DOT_PRECISION,
+            )  # fmt: skip
+            acc, m_i, l_i = _attend_cache(
+                acc, m_i, l_i, q, ck_base, cv_base, off, ring, ring_lo, ring_mid, qp32, lo32,
+                stride_ckn, stride_cvn, sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _FULL, DOT_PRECISION,
+            )  # fmt: skip
+            acc, m_i, l_i = _attend_cache(
+                acc, m_i, l_i, q, ck_base, cv_base, off, ring, ring_mid, ring_whole, qp32, lo32,
+                stride_ckn, stride_cvn, sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _NO_MASK, DOT_PRECISION,
+            )  # fmt: skip
+            acc, m_i, l_i = _attend_cache(
+                acc, m_i, l_i, q, ck_base, cv_base, off, ring, ring_whole, cached, qp32, lo32,
+                stride_ckn, stride_cvn, sm_scale_log2, SINK, HEAD_DIM, BLOCK_N, _FULL, DOT_PRECISION,
+            )  # fmt: skip
 
         # positions of valid tokens are consecutive and end the row: index t holds position t + shift
         last_pos = tl.load(q_row + seq_len - 1).to(tl.int64)
@@ -274,16 +321,16 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
     pack = query_heads_per_program(config.get("PACK", 1), group, config["BLOCK_M"])
     cfg = {**config, "PACK": pack}
     if cache is None:
-        cache_k, cache_v, slot_pos, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
-        ck_strides = (0, 0, 0, 0, 0)
+        cache_k, cache_v, cache_len, head_off, head_cap = key, value, q_pos, q_pos, q_pos  # unused placeholders
+        ck_strides = (0, 0, 0, 0)
     else:
-        cache_k, cache_v, slot_pos, head_off, head_cap = cache
-        ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1), slot_pos.stride(0))
+        cache_k, cache_v, cache_len, head_off, head_cap = cache
+        ck_strides = (cache_k.stride(0), cache_k.stride(1), cache_v.stride(0), cache_v.stride(1))
     precision = dot_precision(query.dtype)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"] // pack), bsz * num_q_heads // pack)
     _moa_prefill_fwd[grid](
         query, key, value, out, q_pos, alpha, beta,
-        cache_k, cache_v, slot_pos, head_off, head_cap,
+        cache_k, cache_v, cache_len, head_off, head_cap,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -351,12 +398,18 @@ def moa_prefill(query, key, value, q_pos, alpha, beta, sink: int, min_span: int,
 
 def moa_prefill_with_cache(
     query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
-    alpha, beta, sink: int, min_span: int, scale: float | None = None,
+    alpha, beta, sink: int, min_span: int, scale: float | None = None, cache_len: torch.Tensor | None = None,
 ):  # fmt: skip
     """MoA attention of a chunk over (old cache contents of its kv head) + (its own keys).
 
     cache_keys/values: [B, C + 1, D]; slot_pos: [B, C + 1] int32 (-1 = empty); head g owns slots
     ``[head_offset[g], head_offset[g] + head_capacity[g])``. Other arguments as in ``moa_prefill``.
+
+    The kernel takes the cache as ``MoaCacheLayer`` writes it for rows whose positions are consecutive (left padding
+    only): row b holds positions ``[0, cache_len[b])``, position p < sink at slot ``head_offset + p`` and the last
+    ``head_capacity - sink`` positions in the ring at ``head_offset + sink + (p - sink) % (head_capacity - sink)``.
+    So it reads no slot positions: it visits each query block's window by arithmetic. cache_len: [B] (the layer's
+    ``next_pos``); None takes ``slot_pos.amax(-1) + 1``.
     """
     _check_shapes(query, key, q_pos)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -365,10 +418,12 @@ def moa_prefill_with_cache(
             query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
             alpha, beta, sink, min_span, scale,
         )  # fmt: skip
+    if cache_len is None:
+        cache_len = slot_pos.amax(dim=-1).to(torch.int64) + 1
     cache = (  # each a no-op for the cache's own tensors (contiguous, on the device)
         cache_keys if cache_keys.stride(-1) == 1 else cache_keys.contiguous(),
         cache_values if cache_values.stride(-1) == 1 else cache_values.contiguous(),
-        slot_pos if slot_pos.stride(-1) == 1 else slot_pos.contiguous(),
+        cache_len if cache_len.stride(-1) == 1 else cache_len.contiguous(),
         _rule_on(head_offset, query.device),
         _rule_on(head_capacity, query.device),
     )

@@ -130,6 +130,15 @@ def test_prefill_write_ab_smoke(tmp_path):
     assert all(len(r["all_s"]["scatter"]) == len(r["all_s"]["write_chunk"]) == 2 for r in rows), rows
 
 
+def test_chunked_prefill_smoke(tmp_path):
+    """The chunks' outputs over the cache equal one call's, for the kernel and for a --before arm (here the same file)."""
+    run_script(["benchmarks/chunked_prefill.py", "--smoke", "--before", "kernels/moa_prefill.py", "--out", str(tmp_path)],
+               tmp_path)  # fmt: skip
+    rows = json.loads((tmp_path / "chunked_prefill.json").read_text())["rows"]
+    assert [r["density"] for r in rows] == [0.5, 0.25]
+    assert all(r["max_diff_now"] < 1e-4 and r["max_diff_before"] < 1e-4 for r in rows), rows
+
+
 def test_host_cost_smoke(tmp_path):
     run_script(["benchmarks/host_cost.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
     result = json.loads((tmp_path / "host_cost.json").read_text())

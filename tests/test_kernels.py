@@ -179,7 +179,10 @@ def test_prefill_query_heads_per_program(pack, with_cache):
     query = torch.randn(2, 8, width, head_dim, device=DEVICE)
     cache = None
     if with_cache:
-        cache = build_cache(keys, values, history, cache_caps(plan, max(history), extra=[2, 0]), plan["sink"])
+        cache_k, cache_v, _, offsets, caps = build_cache(
+            keys, values, history, cache_caps(plan, max(history), extra=[2, 0]), plan["sink"]
+        )
+        cache = (cache_k, cache_v, torch.tensor(history, device=DEVICE), offsets, caps)  # the launch takes lengths
     conf = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "PACK": pack}
     if not INTERPRET:
         conf = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "PACK": pack}
@@ -244,6 +247,36 @@ def test_prefill_with_cache_matches_reference(name, dtype):
     assert rel_err(ref64, full64) < 1e-12  # the layout keeps every key the contract can still see
     same = torch_same_dtype(query, keys, values, q_pos, hist_pos, *rule)
     check_close(out, ref64, same, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_prefill_with_cache_visits_the_window_of_roomy_rings(name):
+    """The cache part of a chunk's prefill goes by position: sinks, then the ring from the block's lowest window edge,
+    masked up to its highest edge, unmasked whole tiles after, a masked last tile. Rings much longer than the window
+    (a static cache sized for later), histories whose ring wrapped, did not, are shorter than the sink or empty (with
+    left padding in the chunk), over chunks of several tiles, give the reference result; the cache lengths are
+    passed (as the model does, its ``next_pos``) or found from the slot positions."""
+    plan = PLANS[name]
+    alpha, beta = plan_tensors(plan)
+    history, chunk_lengths, width, head_dim = [150, 61, 3, 97, 0], [40, 33, 40, 25, 17], 40, 16
+    total = [h + c for h, c in zip(history, chunk_lengths, strict=True)]
+    keys = torch.randn(len(history), plan["hkv"], max(total), head_dim, device=DEVICE)
+    values = torch.randn_like(keys)
+    caps = cache_caps(plan, 3 * max(total) // 2, extra=[7, 0, 3, 11][: plan["hkv"]])
+    cache = build_cache(keys, values, history, caps, plan["sink"])
+    q_pos = chunk_positions(chunk_lengths, width, history)
+    gather = torch.where(q_pos >= 0, q_pos, 0)[:, None, :, None].expand(-1, plan["hkv"], -1, head_dim)
+    key, value = keys.gather(2, gather), values.gather(2, gather)
+    query = torch.randn(len(history), plan["hq"], width, head_dim, device=DEVICE)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    hist_pos = torch.arange(max(total), device=DEVICE)[None].expand(len(history), -1)
+    hist_pos = torch.where(hist_pos < torch.tensor(total, device=DEVICE)[:, None], hist_pos, -1)
+    full64 = reference.moa_attention_ref(query.double(), keys.double(), values.double(), q_pos, hist_pos, *rule)
+    for cache_len in (torch.tensor(history, device=DEVICE), None):
+        out = prefill.moa_prefill_with_cache(query, key, value, q_pos, *cache, *rule, cache_len=cache_len)
+        assert rel_err(out, full64) < 1e-5
+        assert out[(q_pos < 0)[:, None].expand_as(out[..., 0])].abs().sum().item() == 0
 
 
 @needs_interpreter
