@@ -45,11 +45,9 @@ def chunked(kernels, q, k, v, q_pos, alpha, beta, chunk: int, rep_ms: int) -> tu
         else:
             cache = (layer.keys, layer.values, layer.slot_pos, layer.head_offset, layer.head_capacity)
             args = (qc, kc, vc, pc, *cache, alpha, beta, SINK, MIN_SPAN)
-            extra = (
-                {"cache_len": layer.next_pos}
-                if "cache_len" in kernels.moa_prefill_with_cache.__code__.co_varnames
-                else {}
-            )
+            accepted = kernels.moa_prefill_with_cache.__code__.co_varnames  # the model's arguments, where taken
+            extra = {"cache_len": layer.next_pos, "cache_tokens": layer.seq_len}
+            extra = {key: value for key, value in extra.items() if key in accepted}
 
             def call(args=args, extra=extra):
                 return kernels.moa_prefill_with_cache(*args, **extra)

@@ -119,10 +119,14 @@ if HAS_TRITON:
         # whole tiles only
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
+        # a range of ring positions spans at most one turn of the ring: (p - SINK) % ring is p - base, less one ring
+        # past the turn (a compare, not a division per key)
+        base = SINK + (tl.maximum(first - SINK, 0) // ring) * ring
         for start in range(first, stop, BLOCK_N):
             pos = start + offs_n  # int32
             ok = pos < stop
-            slot = off + tl.where(pos < SINK, pos, SINK + tl.maximum(pos - SINK, 0) % ring)
+            rel = pos - base
+            slot = off + tl.where(pos < SINK, pos, SINK + tl.where(rel >= ring, rel - ring, rel))
             slot64 = slot.to(tl.int64)
             k_ptrs = ck_base + slot64[:, None] * stride_ckn + offs_d[None, :]
             v_ptrs = cv_base + slot64[:, None] * stride_cvn + offs_d[None, :]
@@ -267,7 +271,8 @@ if HAS_TRITON:
 
 
 def _prefill_config(head_dim: int, seq_len: int, interpret: bool) -> dict:
-    """Launch config by chunk length: tiny tiles under the interpreter, else the first PREFILL_CONFIGS bucket that fits."""
+    """Launch config by length (the chunk's, plus the tokens before it for a chunk over a cache): tiny tiles under the
+    interpreter, else the first PREFILL_CONFIGS bucket that fits."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "PACK": 2}
     if head_dim <= 64:  # Llama-3.2-1B shapes, H200 2026-11-25 04:2x UTC: pack 4 is 17-26% faster than 1 (RESULTS.md)
@@ -304,7 +309,7 @@ def _rule_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, sink: int, min_span: int,
-                    config: dict | None = None):  # fmt: skip
+                    config: dict | None = None, key_len: int | None = None):  # fmt: skip
     # query: [B, Hq, L, D]; key/value: [B, Hkv, L, D]; q_pos: [B, L]; alpha/beta: [Hkv]
     bsz, num_q_heads, seq_len, head_dim = query.shape
     group = num_q_heads // key.shape[1]
@@ -314,7 +319,7 @@ def _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale: float, 
     if config is None:  # the table's config, or a smaller one where this GPU cannot load it
         return launch_fitting(
             lambda c: _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale, sink, min_span, c),
-            _prefill_config(head_dim, seq_len, INTERPRETED),
+            _prefill_config(head_dim, seq_len if key_len is None else key_len, INTERPRETED),
             (head_dim, group, query.dtype, cache is not None, query.device), "MoA prefill",
         )  # fmt: skip
     out = torch.empty_like(query)
@@ -399,6 +404,7 @@ def moa_prefill(query, key, value, q_pos, alpha, beta, sink: int, min_span: int,
 def moa_prefill_with_cache(
     query, key, value, q_pos, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
     alpha, beta, sink: int, min_span: int, scale: float | None = None, cache_len: torch.Tensor | None = None,
+    cache_tokens: int | None = None,
 ):  # fmt: skip
     """MoA attention of a chunk over (old cache contents of its kv head) + (its own keys).
 
@@ -409,7 +415,9 @@ def moa_prefill_with_cache(
     only): row b holds positions ``[0, cache_len[b])``, position p < sink at slot ``head_offset + p`` and the last
     ``head_capacity - sink`` positions in the ring at ``head_offset + sink + (p - sink) % (head_capacity - sink)``.
     So it reads no slot positions: it visits each query block's window by arithmetic. cache_len: [B] (the layer's
-    ``next_pos``); None takes ``slot_pos.amax(-1) + 1``.
+    ``next_pos``); None takes ``slot_pos.amax(-1) + 1``. cache_tokens: the tokens before the chunk, as a host int (the
+    layer's ``seq_len``), for the launch config (a chunk over a long cache runs the long prompts' config); None takes
+    the cache's slots per kv head.
     """
     _check_shapes(query, key, q_pos)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -427,7 +435,9 @@ def moa_prefill_with_cache(
         _rule_on(head_offset, query.device),
         _rule_on(head_capacity, query.device),
     )
-    return _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale, sink, min_span)
+    before = cache_tokens if cache_tokens is not None else cache_keys.shape[1] // key.shape[1]
+    key_len = query.shape[2] + before
+    return _launch_prefill(query, key, value, q_pos, alpha, beta, cache, scale, sink, min_span, key_len=key_len)
 
 
 def gather_head_slots(cache_keys, cache_values, slot_pos, head_offset, head_capacity):

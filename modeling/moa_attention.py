@@ -163,6 +163,7 @@ def _chunk_over_cache(query, key, value, q_pos, layer, a, b, sink, min_span, sca
         return prefill.moa_prefill_with_cache(
             query, key, value, q_pos, layer.keys, layer.values, layer.slot_pos,
             layer.head_offset, layer.head_capacity, a, b, sink, min_span, scale=scale, cache_len=layer.next_pos,
+            cache_tokens=layer.seq_len,
         )  # fmt: skip
     old_k, old_v, old_pos = layer.padded_heads()  # [B, Hkv, Cmax, D], [B, Hkv, Cmax]
     num_heads = key.shape[1]
