@@ -468,6 +468,39 @@ def test_gpu_prefill_long_ragged(dtype):
 
 @gpu
 @needs_cuda
+def test_gpu_prefill_with_cache_every_config():
+    """A chunk over a roomy cache (rings much longer than the window; histories whose ring wrapped, did not, are
+    shorter than the sink, or empty with left padding in the chunk) with every PREFILL_CONFIGS entry and through
+    ``moa_prefill_with_cache``, in bf16 with head dim 128, against float64: the cache part's masked and unmasked
+    ranges at the GPU's tile sizes."""
+    plan = dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[300.0, -100.0], beta=[0.0, 0.45])
+    alpha, beta = plan_tensors(plan)
+    rule = (alpha, beta, plan["sink"], plan["min_span"])
+    history, chunk_lengths, width = [3000, 1700, 40, 0], [700, 650, 700, 333], 700
+    total = [h + c for h, c in zip(history, chunk_lengths, strict=True)]
+    keys = torch.randn(len(history), 2, max(total), 128, device=DEVICE, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    cache_k, cache_v, slot_pos, offsets, caps = build_cache(
+        keys, values, history, cache_caps(plan, 2 * max(total), [5, 0]), plan["sink"]
+    )
+    q_pos = chunk_positions(chunk_lengths, width, history)
+    gather = torch.where(q_pos >= 0, q_pos, 0)[:, None, :, None].expand(-1, 2, -1, 128)
+    key, value = keys.gather(2, gather), values.gather(2, gather)
+    query = torch.randn(len(history), 8, width, 128, device=DEVICE, dtype=torch.bfloat16)
+    hist_pos = torch.arange(max(total), device=DEVICE)[None].expand(len(history), -1)
+    hist_pos = torch.where(hist_pos < torch.tensor(total, device=DEVICE)[:, None], hist_pos, -1)
+    ref64 = reference.moa_attention_ref(query.double(), keys.double(), values.double(), q_pos, hist_pos, *rule)
+    same = torch_same_dtype(query, keys, values, q_pos, hist_pos, *rule)
+    cache = (cache_k, cache_v, torch.tensor(history, device=DEVICE), offsets, caps)
+    for config in [config for _, config in prefill.PREFILL_CONFIGS]:
+        out = prefill._launch_prefill(query, key, value, q_pos, alpha, beta, cache, 128**-0.5, *rule[2:], config)
+        check_close(out, ref64, same, torch.bfloat16)
+    out = prefill.moa_prefill_with_cache(query, key, value, q_pos, cache_k, cache_v, slot_pos, offsets, caps, *rule)
+    check_close(out, ref64, same, torch.bfloat16)
+
+
+@gpu
+@needs_cuda
 def test_gpu_decode_cuda_graph():
     plan = dict(hkv=2, hq=8, sink=64, min_span=128, alpha=[200.0, 10.0], beta=[0.0, 0.6])
     alpha, beta = plan_tensors(plan)
