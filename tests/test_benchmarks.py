@@ -139,6 +139,13 @@ def test_chunked_prefill_smoke(tmp_path):
     assert all(r["max_diff_now"] < 1e-4 and r["max_diff_before"] < 1e-4 for r in rows), rows
 
 
+def test_chunked_prefill_model_smoke(tmp_path):
+    run_script(["benchmarks/chunked_prefill_model.py", "--smoke", "--before", "kernels/moa_prefill.py", "--out",
+                str(tmp_path)], tmp_path)  # fmt: skip
+    rows = json.loads((tmp_path / "chunked_prefill_model.json").read_text())["rows"]
+    assert len(rows) == 1 and {"one call", "chunked", "chunked, before"} == set(rows[0]["all_s"]), rows
+
+
 def test_host_cost_smoke(tmp_path):
     run_script(["benchmarks/host_cost.py", "--smoke", "--out", str(tmp_path)], tmp_path, interpret=False)
     result = json.loads((tmp_path / "host_cost.json").read_text())
