@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.beam_step import timed  # noqa: E402
 from benchmarks.bench_attention import make_plan  # noqa: E402
 from moa_hub.remote import remote_module  # noqa: E402
 
@@ -29,27 +29,6 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SINK, MIN_SPAN, HKV, DIM = 64, 128, 8, 128
-
-
-def timed(fn, repeats: int) -> float:
-    """Median ms of fn() (CUDA events; the CPU smoke run uses the wall clock of the same calls)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def case(n: int, density: float, rows: int, repeats: int) -> dict:

@@ -187,6 +187,8 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+        lo_min = tl.min(tl.where(q_ok, lo, _BIG_C))  # the block's lowest and highest window edges (valid rows)
+        lo_max = tl.max(tl.where(q_ok, lo, -1))
         if HAS_CACHE:
             # the old cache of kv head g holds positions [0, P) of row b (the row's positions are consecutive: left
             # padding only): the sink positions at their own slots, and the last ``ring`` positions in the ring. A
@@ -198,8 +200,8 @@ if HAS_TRITON:
             cached = tl.load(CacheLen + b).to(tl.int32)
             any_q = tl.max(q_ok.to(tl.int32)) > 0
             cached = tl.where(any_q, cached, 0)  # a block of padding rows reads nothing
-            lo_lo = tl.min(tl.where(q_ok, lo32, _INT32_MAX))
-            lo_hi = tl.max(tl.where(q_ok, lo32, -1))
+            lo_lo = tl.minimum(lo_min, _INT32_MAX).to(tl.int32)
+            lo_hi = lo_max.to(tl.int32)
             ck_base = CacheK + b * stride_ckb
             cv_base = CacheV + b * stride_cvb
             ring_lo = tl.minimum(tl.maximum(tl.maximum(cached - ring, SINK), lo_lo), cached)
@@ -225,8 +227,6 @@ if HAS_TRITON:
         # positions of valid tokens are consecutive and end the row: index t holds position t + shift
         last_pos = tl.load(q_row + seq_len - 1).to(tl.int64)
         shift = last_pos - (seq_len - 1)
-        lo_min = tl.min(tl.where(q_ok, lo, _BIG_C))
-        lo_max = tl.max(tl.where(q_ok, lo, -1))
         row_end = tl.minimum(pid_m * BLOCK_P + BLOCK_P, seq_len)
         band_lo = tl.minimum(tl.maximum(lo_min - shift, 0), row_end)
         band_lo = (band_lo // BLOCK_N) * BLOCK_N
