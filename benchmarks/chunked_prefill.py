@@ -29,6 +29,17 @@ fused = remote_module("moa_fused")
 SINK, MIN_SPAN = 64, 128
 
 
+def with_cache_of(module):
+    """``moa_prefill_with_cache`` of a kernel module (another version's too), dropping the arguments it does not take
+    (``cache_len`` and ``cache_tokens`` came later)."""
+    known = module.moa_prefill_with_cache.__code__.co_varnames
+
+    def call(*args, **kwargs):
+        return module.moa_prefill_with_cache(*args, **{k: v for k, v in kwargs.items() if k in known})
+
+    return call
+
+
 def chunked(kernels, q, k, v, q_pos, alpha, beta, chunk: int, rep_ms: int) -> tuple[float, torch.Tensor]:
     """Summed ms of the chunks' attention calls, and their outputs concatenated."""
     n = q.shape[2]
@@ -45,12 +56,10 @@ def chunked(kernels, q, k, v, q_pos, alpha, beta, chunk: int, rep_ms: int) -> tu
         else:
             cache = (layer.keys, layer.values, layer.slot_pos, layer.head_offset, layer.head_capacity)
             args = (qc, kc, vc, pc, *cache, alpha, beta, SINK, MIN_SPAN)
-            accepted = kernels.moa_prefill_with_cache.__code__.co_varnames  # the model's arguments, where taken
-            extra = {"cache_len": layer.next_pos, "cache_tokens": layer.seq_len}
-            extra = {key: value for key, value in extra.items() if key in accepted}
+            extra = {"cache_len": layer.next_pos, "cache_tokens": layer.seq_len}  # what the model passes
 
             def call(args=args, extra=extra):
-                return kernels.moa_prefill_with_cache(*args, **extra)
+                return with_cache_of(kernels)(*args, **extra)
 
         total += bench(call, rep_ms)
         outs.append(call())

@@ -20,22 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_e2e as e2e  # noqa: E402
+from benchmarks.chunked_prefill import with_cache_of  # noqa: E402
 from benchmarks.specialize_ab import module_from  # noqa: E402
 from moa_hub.apply import moa_twin, set_plan  # noqa: E402
 from moa_hub.remote import remote_module  # noqa: E402
 
 kernels = remote_module("moa_prefill")
 shipped = kernels.moa_prefill_with_cache
-
-
-def with_cache_of(module):
-    """``moa_prefill_with_cache`` of another kernel file, taking (and dropping) the arguments it does not know."""
-    known = module.moa_prefill_with_cache.__code__.co_varnames
-
-    def call(*args, **kwargs):
-        return module.moa_prefill_with_cache(*args, **{k: v for k, v in kwargs.items() if k in known})
-
-    return call
 
 
 def main() -> None:

@@ -115,6 +115,11 @@ if HAS_TRITON:
         act = _silu(g).to(Out.dtype.element_ty).to(tl.float32)  # silu rounded to the dtype, then * up
         tl.store(Out + row * stride_o + cols, _mul(act, u).to(Out.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _slot_of(pos, off, ring, SINK: tl.constexpr):
+        # the slot of position pos >= 0 in a head at slot off with a ring of ``ring`` slots (docs/internals.md)
+        return tl.where(pos < SINK, off + pos, off + SINK + tl.maximum(pos - SINK, 0) % ring)
+
     @triton.jit(do_not_specialize=["trash"])  # the last slot: its value follows the cache's size
     def _append_token_kernel(
         Key, Value, QPos, CacheK, CacheV, SlotPos, HeadOff, HeadCap, NextPos,
@@ -127,8 +132,7 @@ if HAS_TRITON:
         pos = tl.load(QPos + b * sqp).to(tl.int64)
         off = tl.load(HeadOff + g).to(tl.int64)
         ring = tl.load(HeadCap + g).to(tl.int64) - SINK
-        in_ring = off + SINK + tl.maximum(pos - SINK, 0) % ring
-        slot = tl.where(pos < 0, trash, tl.where(pos < SINK, off + pos, in_ring))
+        slot = tl.where(pos < 0, trash, _slot_of(pos, off, ring, SINK))
         d = tl.arange(0, HEAD_DIM)
         k = tl.load(Key + b * skb + g * skh + d)
         v = tl.load(Value + b * svb + g * svh + d)
@@ -155,7 +159,7 @@ if HAS_TRITON:
         off = tl.load(HeadOff + g).to(tl.int64)
         ring = tl.load(HeadCap + g).to(tl.int64) - SINK
         keep = (pos >= 0) & ((pos < SINK) | (pos > last - ring))
-        slot = tl.where(pos < SINK, off + pos, off + SINK + tl.maximum(pos - SINK, 0) % ring)
+        slot = _slot_of(pos, off, ring, SINK)
         d = tl.arange(0, BLOCK_D)
         mask = keep[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(Key + b * skb + g * skh + tt[:, None] * skl + d[None, :], mask=mask)
@@ -278,13 +282,13 @@ def write_chunk(key, value, q_pos, cache_keys, cache_values, slot_pos, head_offs
     slots are left as they are. One launch, no host sync.
     """
     bsz, num_heads, length, dim = key.shape
+    if length == 0 or bsz == 0:  # nothing to write (and no position to take the newest of)
+        return
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
     last = q_pos.amax(dim=-1)  # [B] the newest position of each row
     block_d = triton.next_power_of_2(dim)
     block_l = 16 if INTERPRETED else max(16, 8192 // block_d)
-    if length == 0 or bsz == 0:
-        return
     _write_chunk_kernel[(triton.cdiv(length, block_l), bsz, num_heads)](
         key, value, q_pos, last, cache_keys, cache_values, slot_pos, head_offset, head_capacity,
         length, key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),

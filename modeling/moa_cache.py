@@ -266,16 +266,20 @@ class MoaCacheLayer(CacheLayerMixin):
         """
         if self._needs_storage(key):
             self.lazy_initialization(key, value)
-        bsz, num_heads, length, head_dim = key.shape
-        self.seq_len += length
+        self.seq_len += key.shape[2]
         self.reserve(self.seq_len)
         if write_chunk is not None:
             write_chunk(
                 key, value, q_pos, self.keys, self.values, self.slot_pos, self.head_offset, self.head_capacity,
                 self.sink,
             )  # fmt: skip
-            self.next_pos += (q_pos >= 0).sum(dim=-1)
-            return
+        else:
+            self._scatter_chunk(key, value, q_pos)
+        self.next_pos += (q_pos >= 0).sum(dim=-1)
+
+    def _scatter_chunk(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """``write``'s torch path: one scatter of every token, evicted ones and padding to the trash slot."""
+        bsz, num_heads, length, head_dim = key.shape
         pos = q_pos[:, None, :].expand(bsz, num_heads, length)  # [B, Hkv, L]
         last = pos.amax(dim=-1, keepdim=True)  # [B, Hkv, 1] newest position of each row
         ring = (self.head_capacity - self.sink).view(1, num_heads, 1)
@@ -290,7 +294,6 @@ class MoaCacheLayer(CacheLayerMixin):
             value.reshape(bsz, num_heads * length, head_dim),
             torch.where(keep, pos, -1).reshape(bsz, -1),
         )
-        self.next_pos += (q_pos >= 0).sum(dim=-1)
 
     def write_token(self, key: torch.Tensor, value: torch.Tensor, q_pos: torch.Tensor, append_token) -> None:
         """``write`` of one token per row (key/value [B, Hkv, 1, D], q_pos [B]) in one kernel launch.
