@@ -107,6 +107,71 @@ def moa_positions(
     return position_ids.clamp(min=0), q_pos
 
 
+def padding_first(q_pos: torch.Tensor, cache, given: bool) -> torch.Tensor | None:
+    """Check a multi-token chunk's positions; return None, or the order [B, L] that moves each row's padding first.
+
+    The kernels take a row's unpadded tokens at consecutive positions after its padding, and a cache that holds
+    positions ``[0, next_pos)``. A chunk padded on the right (or with holes) is run in the order that puts its
+    padding first, and its outputs are put back: the attention depends on positions only, so the rows' outputs
+    are those of the left-padded chunk. Positions that skip or repeat, or that do not continue the cache, would
+    give wrong outputs without an error, so they raise ``ValueError``. ``given``: the mask or the position ids came
+    from the caller (else the positions continue the cache, unpadded, and nothing is checked). One host sync;
+    nothing is checked inside a CUDA-graph capture or under ``torch.compile``.
+    """
+    if not given or q_pos.shape[-1] < 2 or torch.compiler.is_compiling():
+        return None
+    if q_pos.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    valid = q_pos >= 0
+    shift = q_pos - (valid.cumsum(-1) - 1)  # a valid token's position minus the valid tokens before it in the row
+    big = torch.iinfo(shift.dtype).max
+    first, last = torch.where(valid, shift, big).amin(-1), torch.where(valid, shift, -big).amax(-1)
+    some = valid.any(-1)
+    start = _cached_positions(cache, q_pos.shape[0], q_pos.device)
+    gaps, off_start = some & (first != last), some & (start is not None) & (first != (0 if start is None else start))
+    flags = torch.stack([gaps.any(), off_start.any(), (valid[:, :-1] & ~valid[:, 1:]).any()]).tolist()
+    if flags[0]:
+        row = int(gaps.nonzero()[0, 0])
+        shown = q_pos[row][valid[row]][:12].tolist()
+        raise ValueError(
+            f"MoA needs each row's tokens at consecutive positions (padding apart), but row {row} has positions "
+            f"{shown}{' ...' if int(valid[row].sum()) > 12 else ''}. Packed sequences (positions that restart "
+            "inside a row) are not supported: give each sequence its own row and pad it. Or leave position_ids=None: "
+            "the model then numbers the tokens from attention_mask and the cache."
+        )
+    if flags[1]:
+        row = int(off_start.nonzero()[0, 0])
+        held, got = int(start[row]), int(first[row])
+        raise ValueError(
+            f"Row {row}'s cache holds positions 0..{held - 1}, so its new tokens must start at position {held}, "
+            f"not {got}. Pass the attention_mask of the whole sequence (the cached tokens and the new ones, "
+            f"[batch, {cache.get_seq_length()} + {q_pos.shape[-1]}]) or position_ids that continue the cache; "
+            "or run without a cache (use_cache=False) to score a chunk at other positions."
+        )
+    if not flags[2]:
+        return None
+    return torch.argsort(valid.to(torch.int8), dim=-1, stable=True)  # padding (0) first, tokens in their order
+
+
+def _cached_positions(cache, bsz: int, device) -> torch.Tensor | int | None:
+    """The position each row's next token must have: the cache's ``next_pos``, 0 for an empty cache, None
+    without a cache (a chunk scored alone may start anywhere)."""
+    if cache is None:
+        return None
+    layer = cache.layers[0] if cache.layers else None
+    if layer is None or not layer.is_initialized or layer.seq_len == 0:
+        return 0
+    if layer.next_pos.shape[0] != bsz:
+        return None  # a batch of another size: the attention reports it
+    return layer.next_pos.to(device)
+
+
+def _take_tokens(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, order[b, i]]`` for every row b: tensor [B, L, ...], order [B, L]."""
+    index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand_as(tensor)
+    return tensor.gather(1, index)
+
+
 class MoaModelMixin(SplitBeforeSaving):
     """The decoder stack with MoA attention in every layer and a MoaCache."""
 
@@ -141,6 +206,10 @@ class MoaModelMixin(SplitBeforeSaving):
             cache = MoaCache(self.config)
         bsz, length = inputs_embeds.shape[:2]
         rope_ids, q_pos = moa_positions(attention_mask, position_ids, cache, bsz, length, inputs_embeds.device)
+        given = attention_mask is not None or position_ids is not None
+        order = padding_first(q_pos, cache if use_cache else None, given)
+        if order is not None:  # padding on the right or inside rows: run the chunk with each row's padding first
+            inputs_embeds, rope_ids, q_pos = (_take_tokens(t, order) for t in (inputs_embeds, rope_ids, q_pos))
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=rope_ids)
         cache_kw = cache_argument(type(self.layers[0]).forward)
         layers = self.layers[: self.config.num_hidden_layers]
@@ -165,6 +234,10 @@ class MoaModelMixin(SplitBeforeSaving):
             hidden_states = self.norm(hidden_states)
             if all_hidden is not None:
                 all_hidden = (*all_hidden, hidden_states)  # the embeddings, every layer's output, the last one normed
+        if order is not None:  # back to the caller's token order
+            back = order.argsort(-1)
+            hidden_states = _take_tokens(hidden_states, back)
+            all_hidden = None if all_hidden is None else tuple(_take_tokens(h, back) for h in all_hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden, **{cache_kw: cache if use_cache else None}
         )

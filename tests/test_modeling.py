@@ -152,6 +152,66 @@ def test_left_padded_batch_rows_equal_rows_alone(arch_kv):
     assert torch.equal(batched[1, pad:], alone[0])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_right_padded_and_holed_rows_equal_rows_alone(monkeypatch, backend):
+    """Padding after a row's tokens (tokenizers pad on the right by default) or inside it: each row's outputs equal
+    the row alone, through a chunk over the cache and the next decode step too. The kernels take padding first;
+    the model reorders the chunk for them and puts the outputs back."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors on the Triton backend need TRITON_INTERPRET=1")
+    monkeypatch.setenv("MOA_BACKEND", backend)
+    dense = build_dense("llama", 2, seed=21)
+    moa = build_moa(dense, random_plan(2, 2, seed=21))
+    gen = torch.Generator().manual_seed(21)
+    rows = [torch.randint(1, 101, (n,), generator=gen) for n in (LENGTH, 25, 31)]
+    batch = torch.zeros(3, LENGTH, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0], mask[0] = rows[0], 1
+    batch[1, :25], mask[1, :25] = rows[1], 1  # right padding
+    holes = torch.tensor([i for i in range(LENGTH) if i not in (3, 10, 11, 12, 30, 36)])  # padding inside the row
+    batch[2, holes], mask[2, holes] = rows[2], 1
+    token_of = [torch.arange(LENGTH), torch.arange(25), holes]  # where each row's tokens are
+    alone = [_logits(moa, row[None], use_cache=False)[0] for row in rows]
+    for use_cache in (False, True):
+        with torch.no_grad():
+            out = moa(batch, attention_mask=mask, use_cache=use_cache, output_hidden_states=True)
+        for r in range(3):
+            assert rel_err(out.logits[r, token_of[r]], alone[r]) < 1e-4, (use_cache, r)
+        with torch.no_grad():  # the hidden states are put back in the caller's order too
+            final = moa.lm_head(out.hidden_states[-1])
+        assert torch.allclose(final, out.logits)
+    # the next token of every row, on the cache of the padded batch (positions from the mask continue each row)
+    nxt = torch.randint(1, 101, (3, 1), generator=gen)
+    mask2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        cache = _cache_of(moa(batch, attention_mask=mask, use_cache=True))
+        step = moa(nxt, attention_mask=mask2, use_cache=True, **{CACHE_KW(moa): cache}).logits[:, -1]
+    for r in range(3):
+        expected = _logits(moa, torch.cat([rows[r], nxt[r]])[None], use_cache=False)[0, -1]
+        assert rel_err(step[r], expected) < 1e-4, r
+
+
+def test_positions_that_the_cache_cannot_hold_raise():
+    dense = build_dense("llama", 2, seed=22)
+    moa = build_moa(dense, random_plan(2, 2, seed=22))
+    ids = torch.randint(1, 101, (2, 12), generator=torch.Generator().manual_seed(22))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)  # two sequences packed in a row
+    with pytest.raises(ValueError, match=r"row 0 has positions \[0, 1, 2, 3, 4, 5, 0, 1"):
+        _logits(moa, ids, position_ids=packed, use_cache=False)
+    with torch.no_grad():
+        cache = _cache_of(moa(ids, use_cache=True))
+    # a mask of the new tokens alone numbers them from 0 again: they must continue the cache
+    with pytest.raises(ValueError, match="must start at position 12, not 0"):
+        _logits(moa, ids[:, :4], attention_mask=torch.ones(2, 4, dtype=torch.long), **{CACHE_KW(moa): cache})
+    with pytest.raises(ValueError, match="must start at position 12, not 20"):
+        _logits(moa, ids[:, :4], position_ids=torch.arange(20, 24)[None], **{CACHE_KW(moa): cache})
+    # consecutive positions are fine anywhere without a cache, and where they continue it
+    shifted = _logits(moa, ids, position_ids=torch.arange(50, 62)[None], use_cache=False)
+    assert shifted.shape == (2, 12, 101)
+    full_mask = torch.ones(2, 16, dtype=torch.long)
+    _logits(moa, ids[:, :4], attention_mask=full_mask, **{CACHE_KW(moa): cache})
+
+
 def test_cache_memory_follows_spans_not_length():
     plan = dict(
         format_version=1, sink=64, min_span=128, alpha=[[150.0, 0.0], [200.0, -50.0]], beta=[[0.0, 0.3], [0.1, 0.5]]
@@ -251,3 +311,29 @@ def test_cuda_triton_model_matches_torch_reference(monkeypatch, dtype):
     reference = _run_in_chunks(moa.float(), ids, cuts)[0]
     drift = rel_err(expected.float(), reference)  # how far plain torch in this dtype drifts from fp32
     assert rel_err(actual.float(), reference) <= max(2 * drift, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_right_padded_rows_match_the_torch_path(monkeypatch):
+    """On the GPU, bf16: a batch padded on the right and inside a row, through the Triton kernels, against the torch
+    path on the same batch (which works by position, whatever the layout) and against each row alone."""
+    dense = build_dense("llama", 2, seed=24, hidden_size=128, num_attention_heads=8, intermediate_size=256)
+    plan = dict(
+        format_version=1, sink=16, min_span=32, alpha=[[40.0, -20.0], [70.0, 10.0]], beta=[[0.1, 0.6], [0.0, 0.3]]
+    )
+    moa = build_moa(dense, plan).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(24)
+    ids = torch.randint(1, 101, (3, 300), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, 170:] = 0  # right padding
+    mask[2, 40:90] = 0  # a hole
+    mask[2, 250:] = 0
+    logits = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MOA_BACKEND", backend)
+        logits[backend] = _logits(moa, ids, attention_mask=mask, use_cache=True).float()
+        alone = _logits(moa, ids[2][mask[2].bool()][None], use_cache=False)[0].float()
+        assert rel_err(logits[backend][2][mask[2].bool()], alone) < 2e-2, backend
+    keep = mask.bool()
+    assert rel_err(logits["triton"][keep], logits["torch"][keep]) < 2e-2
