@@ -7,6 +7,7 @@ in ``moa_prefill.py`` / ``moa_decode.py``. Both follow the contract in ``moa_spa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -41,6 +42,15 @@ def fused_kernels(tensor: torch.Tensor):
     from . import moa_fused
 
     return moa_fused if moa_fused.available(tensor) else None
+
+
+def on_device(device: torch.device):
+    """A context that makes ``device`` the current CUDA device when it is not (else does nothing). Triton launches
+    on the current device, whatever the tensors' device: a model on cuda:1, or a layer that accelerate placed on
+    another GPU, needs its kernels launched there."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def select_backend(device: torch.device) -> str:

@@ -10,16 +10,17 @@ Everything else (weights, MLP, norms, heads, loss) is the base model's. Works wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .moa_attention import _warn_once, fused_kernels, moa_attention, prepare_decode, select_backend
+from .moa_attention import _warn_once, fused_kernels, moa_attention, on_device, prepare_decode, select_backend
 from .moa_cache import MoaCache
 from .moa_generate import GraphedDecodeStep, cache_in, greedy_generate
-from .moa_projections import SplitBeforeSaving, joined_linear
+from .moa_projections import SplitBeforeSaving, hooked, joined_linear
 
 
 @functools.cache
@@ -50,6 +51,10 @@ class MoaAttentionMixin:
     standard_rope = False  # True where apply_rotary_pos_emb is Llama's (then moa_fused.rope may replace it)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        with on_device(hidden_states.device):  # accelerate may have put this layer on another GPU
+            return self._moa_forward(hidden_states, position_embeddings, **kwargs)
+
+    def _moa_forward(self, hidden_states, position_embeddings, **kwargs):
         cache = _pick_cache(kwargs)
         moa_positions = kwargs.pop("moa_positions")
         input_shape = hidden_states.shape[:-1]
@@ -185,6 +190,11 @@ class MoaModelMixin(SplitBeforeSaving):
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None, **kwargs
     ):
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        with on_device(inputs.device) if inputs is not None else contextlib.nullcontext():
+            return self._moa_forward(input_ids, attention_mask, position_ids, inputs_embeds, use_cache, **kwargs)
+
+    def _moa_forward(self, input_ids, attention_mask, position_ids, inputs_embeds, use_cache, **kwargs):
         cache = _pick_cache(kwargs)
         for unsupported in ("output_attentions",):
             if kwargs.pop(unsupported, False):
@@ -213,7 +223,12 @@ class MoaModelMixin(SplitBeforeSaving):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=rope_ids)
         cache_kw = cache_argument(type(self.layers[0]).forward)
         layers = self.layers[: self.config.num_hidden_layers]
-        fusable = self._fusable_stack() and not output_hidden_states and not self._moa_needs_grad(inputs_embeds)
+        fusable = (
+            self._fusable_stack()
+            and not output_hidden_states
+            and not self._moa_needs_grad(inputs_embeds)
+            and not self._moa_stack_hooked()
+        )
         fused = _fused_for(inputs_embeds) if fusable else None
         all_hidden = None
         if fused is not None:
@@ -259,6 +274,16 @@ class MoaModelMixin(SplitBeforeSaving):
         if not torch.is_grad_enabled():
             return False
         return inputs_embeds.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _moa_stack_hooked(self) -> bool:
+        """Whether a module whose call the fused stack skips (a layer, its norms and MLP, the final norm) has hooks:
+        accelerate's offload or dispatch, or a user's forward hook. Those run the layers as transformers does."""
+        skipped = [self.norm] + [
+            m
+            for layer in self.layers
+            for m in (layer, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)
+        ]
+        return any(hooked(m) for m in skipped)
 
     def _fusable_stack(self) -> bool:
         """Whether every layer is a pre-norm Llama-type block (RMSNorm, SiLU gated MLP) that _fused_stack runs."""
@@ -336,6 +361,10 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
     """
 
     def generate(self, *args, **kwargs):
+        with on_device(self.device):  # graphs and their streams belong to the current device
+            return self._moa_generate_call(*args, **kwargs)
+
+    def _moa_generate_call(self, *args, **kwargs):
         step = self.__dict__.get("_moa_graphed_step")
         if step is not None:
             step.release_if_weights_moved()  # a graph kept with a cache from an earlier call
@@ -518,4 +547,5 @@ class MoaForCausalLMMixin(SplitBeforeSaving):
         Same tokens as ``generate(do_sample=False)``; kwargs: eos_token_id, pad_token_id, cuda_graph,
         max_cache_len. See moa_generate.py.
         """
-        return greedy_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
+        with on_device(self.device):
+            return greedy_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
