@@ -76,21 +76,23 @@ class SplitBeforeSaving:
         return super().save_pretrained(*args, **kwargs)
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks that code reaching past its ``__call__`` would skip: accelerate's
-    (device_map offload moves weights in, and dispatch across GPUs moves inputs, in a hook), or forward hooks of
-    its own or of every module."""
-    return (
-        "_hf_hook" in module.__dict__
-        or bool(module._forward_hooks or module._forward_pre_hooks)
-        or bool(_global_hooks.get("_global_forward_hooks") or _global_hooks.get("_global_forward_pre_hooks"))
-    )
+def any_hooked(modules) -> bool:
+    """Whether calling any of ``modules`` runs hooks that code reaching past its ``__call__`` would skip:
+    accelerate's (device_map offload moves weights in, and dispatch across GPUs moves inputs, in a hook), or
+    forward hooks of its own or of every module. Three dict lookups a module."""
+    if _global_hooks.get("_global_forward_hooks") or _global_hooks.get("_global_forward_pre_hooks"):
+        return True
+    for module in modules:
+        attrs = module.__dict__
+        if "_hf_hook" in attrs or attrs["_forward_hooks"] or attrs["_forward_pre_hooks"]:
+            return True
+    return False
 
 
 def _plain(module: nn.Module) -> bool:
     """An exact ``nn.Linear`` with a plain Parameter (no DTensor, no quantized tensor) that no hook wraps (a joined
     GEMM would skip the hooks)."""
-    return type(module) is nn.Linear and type(module.weight) is nn.Parameter and not hooked(module)
+    return type(module) is nn.Linear and type(module.weight) is nn.Parameter and not any_hooked((module,))
 
 
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor | None:

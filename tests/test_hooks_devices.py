@@ -77,7 +77,10 @@ def test_an_offloaded_model_equals_the_model_in_memory(device):
         offloaded = accelerate.dispatch_model(offloaded, device_map=device_map, main_device=main, offload_dir=folder)
         assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"
         actual = prefill_and_decode(offloaded, device)
+        ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(7)).to(device)
+        tokens = offloaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, moa.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
