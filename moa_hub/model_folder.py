@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .remote import remote_module
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ def architecture_of(config: dict[str, Any], path: Path) -> MoaArchitecture:
         )
     if config.get("auto_map"):
         logger.warning("base config has its own auto_map %s; the export replaces it", config["auto_map"])
+    configuration = remote_module("configuration_moa")
+    window = configuration.sliding_window_in(config)
+    if window is not None:
+        raise ModelError(f"{str(path)!r}: {configuration.sliding_window_message(*window)}")
     return arch
 
 

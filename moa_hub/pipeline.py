@@ -99,6 +99,7 @@ def convert(config: ConvertConfig) -> ConvertResult:
     work.mkdir(parents=True, exist_ok=True)
     resolved = resolve_model(config.model, config.resolve)
     check_output(Path(config.output).expanduser().resolve(), resolved.path, config.overwrite)  # fail before the search
+    read_model_folder(resolved.path)  # an architecture or attention the export cannot take fails now, not hours later
     model, tokenizer = load_dense(resolved.path, config.device, config.dtype)
     lengths = tuple(sorted(config.profile_lengths))
     calibration = CalibrationConfig(

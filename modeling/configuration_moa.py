@@ -33,6 +33,40 @@ def check_moa_block(moa: dict, num_layers: int, num_kv_heads: int) -> None:
         raise ValueError("moa beta values must lie in [0, 1]")
 
 
+def sliding_window_in(config: dict) -> tuple[int, str] | None:
+    """The sliding window that limits some layers of a base config (a config.json dict) below its context, and the
+    key that sets it; None where every layer attends to the whole causal prefix (the attention MoA replaces).
+
+    Mistral: ``sliding_window`` on every layer (4096 in Mistral-7B-v0.1 and its fine-tunes; null from v0.2 on).
+    Qwen2: only with ``use_sliding_window``, on the layers ``layer_types`` (or ``max_window_layers``) marks. A window
+    at least ``max_position_embeddings`` long limits nothing.
+    """
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if window >= int(config.get("max_position_embeddings") or 0) > 0:
+        return None
+    if config.get("model_type", "").removeprefix("moa_") == "qwen2":
+        if not config.get("use_sliding_window"):
+            return None
+        layer_types = config.get("layer_types")
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+        if layer_types is None and int(config.get("max_window_layers") or 0) >= int(config["num_hidden_layers"]):
+            return None
+        return window, "use_sliding_window with sliding_window"
+    return window, "sliding_window"
+
+
+def sliding_window_message(window: int, key: str) -> str:
+    return (
+        f"this model's layers attend through a sliding window of {window} tokens (config {key}), and MoA replaces "
+        "full causal attention: its spans would reach tokens the model never attends to. Convert a full-attention "
+        "model (Mistral-7B from v0.2 on has no window). If the model was in fact trained with full attention, set "
+        '"sliding_window": null in its config.json'
+    )
+
+
 class MoaConfigMixin:
     """Adds the validated ``moa`` plan to a base config."""
 
@@ -40,6 +74,9 @@ class MoaConfigMixin:
         if getattr(self, "moa", None) is None:
             raise ValueError(f"{type(self).__name__} needs a 'moa' plan block: export the model with moa-hub")
         check_moa_block(self.moa, self.num_hidden_layers, self.num_key_value_heads)
+        window = sliding_window_in(self.to_dict())
+        if window is not None:
+            raise ValueError(sliding_window_message(*window))
 
 
 class MoaLlamaConfig(MoaConfigMixin, LlamaConfig):

@@ -10,6 +10,7 @@ from demo_helpers import tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from moa_hub import pipeline
+from moa_hub.errors import ModelError
 from moa_hub.pipeline import ConvertConfig, convert
 
 
@@ -83,3 +84,17 @@ def test_infeasible_density_names_the_smallest_feasible_one(base_folder, tmp_pat
     with pytest.raises(OptimizeError, match=r"smallest feasible plan density is 0\.1250.*--density 0\.125"):
         convert(ConvertConfig(**{**config.__dict__, "density": 0.05}))
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_model_the_export_cannot_take_fails_before_loading(base_folder, tmp_path, monkeypatch):
+    """An architecture or attention the export refuses fails at once, not after calibration and profiling."""
+    folder = tmp_path / "windowed"
+    folder.mkdir()
+    for path in base_folder.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(pipeline, "load_dense", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ModelError, match="sliding window of 64 tokens"):
+        convert(_config(folder, tmp_path))

@@ -30,7 +30,8 @@ TINY = {
     "mistral": (
         "MistralConfig",
         "MistralForCausalLM",
-        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        # full attention, as Mistral-7B from v0.2 on (MistralConfig's default is v0.1's 4096-token window)
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": None},
     ),
     "qwen2": (
         "Qwen2Config",
@@ -154,6 +155,21 @@ def _unsupported(base: Path, tmp_path: Path) -> Path:
     return folder
 
 
+def _windowed(model_type: str, **window):
+    """The llama folder relabelled as a base model whose layers attend through a sliding window."""
+
+    def make(base: Path, tmp_path: Path) -> Path:
+        folder = tmp_path / f"{model_type}-window"
+        shutil.copytree(base, folder)
+        config = json.loads((folder / "config.json").read_text())
+        arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+        config.update(architectures=[arch], model_type=model_type, max_position_embeddings=32768, **window)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return make
+
+
 def _pickle_only(base: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -195,6 +211,13 @@ def _edit_plan(**changes):
         (_unsupported, None, ModelError, "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
         (_pickle_only, None, ModelError, r"pytorch_model\.bin.*save_pretrained"),
         (_already_moa, None, ModelError, "already a MoA model"),
+        (_windowed("mistral", sliding_window=4096), None, ModelError, r"sliding window of 4096 tokens.*null"),
+        (
+            _windowed("qwen2", sliding_window=2048, use_sliding_window=True, max_window_layers=1),
+            None,
+            ModelError,
+            "sliding window of 2048 tokens",
+        ),
     ],
 )
 def test_errors_write_nothing(base_models, tmp_path, model, write_plan, error, message):

@@ -251,6 +251,27 @@ def test_plan_that_does_not_fit_the_model_is_rejected():
         build_moa(dense, bad)
 
 
+@pytest.mark.parametrize(
+    ("arch", "window", "refused"),
+    [
+        ("mistral", dict(sliding_window=16), True),  # Mistral-7B-v0.1: every layer windowed
+        ("mistral", dict(sliding_window=None), False),  # v0.2 on
+        ("mistral", dict(sliding_window=4096), False),  # as long as max_position_embeddings: limits nothing
+        ("qwen2", dict(sliding_window=16, use_sliding_window=True, max_window_layers=1), True),
+        ("qwen2", dict(sliding_window=16, use_sliding_window=False), False),  # every released Qwen2 / 2.5
+    ],
+)
+def test_a_base_with_a_sliding_window_is_refused_at_load(arch, window, refused):
+    """MoA replaces full causal attention; a model whose layers attend through a shorter window would get spans
+    that reach tokens it never attends to."""
+    dense = build_dense(arch, 2, **window)
+    if refused:
+        with pytest.raises(ValueError, match=r"sliding window of 16 tokens"):
+            build_moa(dense, random_plan(2, 2, seed=0))
+    else:
+        build_moa(dense, random_plan(2, 2, seed=0))
+
+
 @pytest.mark.skipif(remote_module("moa_attention")._triton_kernels() is None, reason="triton not installed")
 def test_triton_backend_matches_torch_backend_in_the_model(monkeypatch):
     """The whole model on MOA_BACKEND=triton (interpreted on CPU): prefill, chunk over cache, decode."""
