@@ -167,3 +167,12 @@ def test_compile_variants_and_specialize_ab_smoke(tmp_path):
     rows = json.loads((tmp_path / "specialize_ab.json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["prefill 64 @ 50%", "prefill 64 @ 25%", "prefill 70 x 2 @ 50%"], rows
     assert all({"before", "copy"} <= set(r["ms"]) and r["equal_outputs"] for r in rows), rows
+
+
+def test_padding_cost_smoke(tmp_path):
+    """Right-padded rows, reordered, give the left-padded rows' hidden states (the same tokens and positions)."""
+    run_script(["benchmarks/padding_cost.py", "--smoke", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "padding_cost.json").read_text())["rows"]
+    assert [r["rows"] for r in rows] == [1, 3] and rows[1]["pad"] > 0
+    assert rows[1]["right_vs_left_max_abs"] == 0.0
+    assert all(r[f"{way} ms"] > 0 for r in rows for way in ("no mask", "mask of ones", "left padded", "right padded"))
