@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--cases", default="1x4096,4x4096,1x32768,2x32768", help="rows x length, ...")
     parser.add_argument("--pad", type=float, default=0.1, help="share of the padded rows' tokens that is padding")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", action="store_true", help="profile one more call of each way: kernel totals")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
@@ -79,13 +80,19 @@ def main() -> None:
                     hidden[name] = out.last_hidden_state
                 del out
         keep = length - pad
+        kernels = {}
+        if args.kernels:
+            for name, inputs in ways.items():
+                e2e.cleanup()
+                with torch.inference_mode():
+                    kernels[name] = e2e.prefill_kernels(lambda: moa(**inputs, use_cache=True))  # noqa: B023
         diff = None
         if bsz > 1:
             diff = (hidden["right padded"][1:, :keep].float() - hidden["left padded"][1:, pad:].float()).abs().max()
         row = dict(rows=bsz, length=length, pad=pad if bsz > 1 else 0,
                    right_vs_left_max_abs=None if diff is None else round(float(diff), 6),
                    **{f"{k} ms": round(1e3 * statistics.median(v), 2) for k, v in times.items()},
-                   all_ms={k: [round(1e3 * t, 2) for t in v] for k, v in times.items()})  # fmt: skip
+                   all_ms={k: [round(1e3 * t, 2) for t in v] for k, v in times.items()}, kernels=kernels)  # fmt: skip
         del hidden
         rows.append(row)
         print(json.dumps(row), flush=True)
