@@ -99,7 +99,7 @@ def convert(config: ConvertConfig) -> ConvertResult:
     work.mkdir(parents=True, exist_ok=True)
     resolved = resolve_model(config.model, config.resolve)
     check_output(Path(config.output).expanduser().resolve(), resolved.path, config.overwrite)  # fail before the search
-    read_model_folder(resolved.path)  # an architecture or attention the export cannot take fails now, not hours later
+    folder = read_model_folder(resolved.path)  # an architecture or attention the export cannot take fails now
     model, tokenizer = load_dense(resolved.path, config.device, config.dtype)
     lengths = tuple(sorted(config.profile_lengths))
     calibration = CalibrationConfig(
@@ -120,7 +120,7 @@ def convert(config: ConvertConfig) -> ConvertResult:
     validation = validate_stage(model, candidates, items.get(config.validation_length, []), config, work)
     plan = final_plan(candidates[validation.best], config, resolved, calibration, validation)
     plan.save(work / "plan.json")
-    output = write_moa_folder(read_model_folder(resolved.path), plan, config.output, overwrite=config.overwrite)
+    output = write_moa_folder(folder, plan, config.output, overwrite=config.overwrite)
     card = CardConfig(
         repo_id=config.push.repo_id if config.push else None,
         base_card=resolved.path / "README.md" if (resolved.path / "README.md").exists() else None,

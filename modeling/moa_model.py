@@ -133,7 +133,8 @@ def padding_first(q_pos: torch.Tensor, cache, given: bool) -> torch.Tensor | Non
     first, last = torch.where(valid, shift, big).amin(-1), torch.where(valid, shift, -big).amax(-1)
     some = valid.any(-1)
     start = _cached_positions(cache, q_pos.shape[0], q_pos.device)
-    gaps, off_start = some & (first != last), some & (start is not None) & (first != (0 if start is None else start))
+    gaps = some & (first != last)
+    off_start = some & (first != start) if start is not None else torch.zeros_like(some)
     flags = torch.stack([gaps.any(), off_start.any(), (valid[:, :-1] & ~valid[:, 1:]).any()]).tolist()
     if flags[0]:
         row = int(gaps.nonzero()[0, 0])
