@@ -64,6 +64,7 @@ SUPPORTED_ARCHITECTURES: dict[str, MoaArchitecture] = {
         MoaArchitecture("LlamaForCausalLM", "llama", "MoaLlamaConfig", "MoaLlamaForCausalLM"),
         MoaArchitecture("MistralForCausalLM", "mistral", "MoaMistralConfig", "MoaMistralForCausalLM"),
         MoaArchitecture("Qwen2ForCausalLM", "qwen2", "MoaQwen2Config", "MoaQwen2ForCausalLM"),
+        MoaArchitecture("Qwen3ForCausalLM", "qwen3", "MoaQwen3Config", "MoaQwen3ForCausalLM"),
     )
 }
 

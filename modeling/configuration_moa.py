@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 MOA_FORMAT_VERSION = 1
 
@@ -38,7 +38,7 @@ def sliding_window_in(config: dict) -> tuple[int, str] | None:
     key that sets it; None where every layer attends to the whole causal prefix (the attention MoA replaces).
 
     Mistral: ``sliding_window`` on every layer (4096 in Mistral-7B-v0.1 and its fine-tunes; null from v0.2 on).
-    Qwen2: only with ``use_sliding_window``, on the layers ``layer_types`` (or ``max_window_layers``) marks. A window
+    Qwen2 and Qwen3: only with ``use_sliding_window``, on the layers ``layer_types`` (or ``max_window_layers``) marks. A window
     at least ``max_position_embeddings`` long limits nothing.
     """
     window = config.get("sliding_window")
@@ -46,7 +46,7 @@ def sliding_window_in(config: dict) -> tuple[int, str] | None:
         return None
     if window >= int(config.get("max_position_embeddings") or 0) > 0:
         return None
-    if config.get("model_type", "").removeprefix("moa_") == "qwen2":
+    if config.get("model_type", "").removeprefix("moa_") in ("qwen2", "qwen3"):
         if not config.get("use_sliding_window"):
             return None
         layer_types = config.get("layer_types")
@@ -89,3 +89,7 @@ class MoaMistralConfig(MoaConfigMixin, MistralConfig):
 
 class MoaQwen2Config(MoaConfigMixin, Qwen2Config):
     model_type = "moa_qwen2"
+
+
+class MoaQwen3Config(MoaConfigMixin, Qwen3Config):
+    model_type = "moa_qwen3"

@@ -49,6 +49,7 @@ class MoaAttentionMixin:
 
     apply_rotary_pos_emb = None  # set by each architecture file
     standard_rope = False  # True where apply_rotary_pos_emb is Llama's (then moa_fused.rope may replace it)
+    head_norms = ()  # ("q_norm", "k_norm") where each head's query and key are RMS-normed before RoPE (Qwen3)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         with on_device(hidden_states.device):  # accelerate may have put this layer on another GPU
@@ -61,12 +62,13 @@ class MoaAttentionMixin:
         hidden_shape = (*input_shape, -1, self.head_dim)
         joined = kwargs.pop("moa_joined_projections", False)  # set by _fused_stack
         query, key, value = self._project_qkv(hidden_states, joined)  # [B, L, Hq * D], [B, L, Hkv * D] x 2
-        query = query.view(hidden_shape).transpose(1, 2)  # [B, Hq, L, D]
-        key = key.view(hidden_shape).transpose(1, 2)  # [B, Hkv, L, D]
+        fused = _fused_for(query)
+        query, key = self._norm_heads(query.view(hidden_shape), key.view(hidden_shape), fused)
+        query = query.transpose(1, 2)  # [B, Hq, L, D]
+        key = key.transpose(1, 2)  # [B, Hkv, L, D]
         value = value.view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        fused = _fused_for(query) if self.standard_rope else None
-        if fused is not None and fused.rope_supported(query, key, cos):
+        if fused is not None and self.standard_rope and fused.rope_supported(query, key, cos):
             query, key = fused.rope(query, key, cos, sin)  # one launch for both
         else:
             query, key = type(self).apply_rotary_pos_emb(query, key, cos, sin)
@@ -78,6 +80,20 @@ class MoaAttentionMixin:
         )  # fmt: skip
         out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()  # [B, L, Hq * D]
         return self.o_proj(out), None
+
+    def _norm_heads(self, query, key, fused):
+        """The architecture's per-head RMSNorm of query and key ([B, L, H, D]), if it has one: one Triton launch
+        each on the fused path (the modules' own forward where they have hooks, or on the torch path)."""
+        if not self.head_norms:
+            return query, key
+        norms = tuple(getattr(self, name) for name in self.head_norms)
+        if fused is None or any_hooked(norms) or not all(hasattr(n, "variance_epsilon") for n in norms):
+            return norms[0](query), norms[1](key)
+        q_norm, k_norm = norms
+        return (
+            fused.rms_norm(query, q_norm.weight, q_norm.variance_epsilon),
+            fused.rms_norm(key, k_norm.weight, k_norm.variance_epsilon),
+        )
 
     def _project_qkv(self, hidden_states, joined: bool):
         """q, k, v projections; with ``joined``, one GEMM over the joined weights where possible (moa_projections)."""
@@ -300,8 +316,8 @@ class MoaModelMixin(SplitBeforeSaving):
         return self._moa_fusable
 
 
-_FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-_FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+_FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def _fused_stack(fused, layers, final_norm, hidden: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:

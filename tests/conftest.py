@@ -60,7 +60,10 @@ ARCHS = {
         "MoaMistralForCausalLM",
     ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "MoaQwen2Config", "modeling_moa_qwen2", "MoaQwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "MoaQwen3Config", "modeling_moa_qwen3", "MoaQwen3ForCausalLM"),
 }
+# Qwen3 sets head_dim apart from hidden_size / heads (Qwen3-4B: 2560 / 32 heads, head_dim 128): the tiny one does too
+ARCH_DEFAULTS = {"qwen3": dict(head_dim=32)}
 
 
 def tiny_config_kwargs(num_kv_heads: int = 2, num_layers: int = 2) -> dict:
@@ -80,9 +83,16 @@ def build_dense(arch: str, num_kv_heads: int = 2, seed: int = 0, **overrides):
     import transformers
 
     config_name, model_name = ARCHS[arch][:2]
-    config = getattr(transformers, config_name)(**{**tiny_config_kwargs(num_kv_heads), **overrides})
+    config = getattr(transformers, config_name)(
+        **{**tiny_config_kwargs(num_kv_heads), **ARCH_DEFAULTS.get(arch, {}), **overrides}
+    )
     torch.manual_seed(seed)
-    return getattr(transformers, model_name)(config).eval()
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # per-head q / k norms (Qwen3) start at ones: give them weights a wrong use would show
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
+    return model
 
 
 def build_moa(dense, plan: dict):
@@ -115,7 +125,9 @@ def dense_plan(num_layers: int, num_kv_heads: int) -> dict:
     )
 
 
-@pytest.fixture(params=[("llama", 2), ("llama", 4), ("mistral", 2), ("qwen2", 2)], ids=lambda p: f"{p[0]}-kv{p[1]}")
+@pytest.fixture(
+    params=[("llama", 2), ("llama", 4), ("mistral", 2), ("qwen2", 2), ("qwen3", 2)], ids=lambda p: f"{p[0]}-kv{p[1]}"
+)
 def arch_kv(request):
     """(architecture, kv heads): GQA (2 kv heads for 4 query heads) and MHA (4)."""
     return request.param

@@ -98,3 +98,40 @@ def test_a_model_the_export_cannot_take_fails_before_loading(base_folder, tmp_pa
     monkeypatch.setattr(pipeline, "load_dense", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ModelError, match="sliding window of 64 tokens"):
         convert(_config(folder, tmp_path))
+
+
+def test_convert_takes_a_qwen3_model(tmp_path):
+    """Qwen3: per-head query / key RMSNorms before RoPE, and a head_dim apart from hidden_size / heads. Every stage
+    runs (profiling goes through Qwen3's own attention module), and the exported model computes what the MoA twin of
+    the base model computes under the chosen plan."""
+    from conftest import build_moa
+    from safetensors.torch import load_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(5)
+    config = Qwen3Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=0,
+        eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    dense = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in dense.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
+    base = tmp_path / "qwen3-base"
+    dense.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = _config(base, tmp_path)
+    result = convert(config)
+    profile = load_file(str(config.work / "profile" / "profile_256.safetensors"))
+    assert all(torch.isfinite(t).all() for t in profile.values())
+    assert json.loads((result.output / "config.json").read_text())["model_type"] == "moa_qwen3"
+    model = AutoModelForCausalLM.from_pretrained(result.output, trust_remote_code=True).eval()
+    assert type(model).__name__ == "MoaQwen3ForCausalLM"
+    twin = build_moa(dense, result.plan.to_dict())
+    ids = torch.randint(3, len(tokenizer), (2, 300), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, twin(ids).logits, rtol=1e-5, atol=1e-5)
+    assert result.plan.kv_density(300) < 1.0  # a plan that drops tokens at this length: the spans bite

@@ -1,4 +1,4 @@
-"""moa-hub export / inspect on tiny random Llama, Mistral and Qwen2 checkpoints."""
+"""moa-hub export / inspect on tiny random Llama, Mistral, Qwen2 and Qwen3 checkpoints."""
 
 from __future__ import annotations
 
@@ -38,9 +38,15 @@ TINY = {
         "Qwen2ForCausalLM",
         {"num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1},
     ),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        # head_dim apart from hidden_size / heads, as Qwen3-4B; per-head q / k norms
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    ),
 }
 SHARDED = "qwen2"
-CLASS_STEM = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+CLASS_STEM = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def _tiny_tokenizer():
@@ -162,7 +168,7 @@ def _windowed(model_type: str, **window):
         folder = tmp_path / f"{model_type}-window"
         shutil.copytree(base, folder)
         config = json.loads((folder / "config.json").read_text())
-        arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+        arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
         config.update(architectures=[arch], model_type=model_type, max_position_embeddings=32768, **window)
         (folder / "config.json").write_text(json.dumps(config))
         return folder
@@ -208,7 +214,7 @@ def _edit_plan(**changes):
         (None, _edit_plan(alpha=math.nan), PlanError, r"alpha\[1\]\[2\] is nan"),
         (None, _edit_plan(beta=-0.25), PlanError, r"beta\[1\]\[2\] = -0.25 is outside \[0, 1\]"),
         (None, _edit_plan(sink=128, min_span=128), PlanError, r"min_span=128 <= sink=128"),
-        (_unsupported, None, ModelError, "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+        (_unsupported, None, ModelError, "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
         (_pickle_only, None, ModelError, r"pytorch_model\.bin.*save_pretrained"),
         (_already_moa, None, ModelError, "already a MoA model"),
         (_windowed("mistral", sliding_window=4096), None, ModelError, r"sliding window of 4096 tokens.*null"),
@@ -217,6 +223,12 @@ def _edit_plan(**changes):
             None,
             ModelError,
             "sliding window of 2048 tokens",
+        ),
+        (
+            _windowed("qwen3", sliding_window=1024, use_sliding_window=True, max_window_layers=0),
+            None,
+            ModelError,
+            "sliding window of 1024 tokens",
         ),
     ],
 )

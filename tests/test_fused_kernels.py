@@ -167,7 +167,7 @@ def test_write_chunk_writes_what_the_torch_cache_write_writes(dim, dtype):
         assert int(ring_full.sum()) == sum(layers[1].capacity), "every head's slots hold a token by the end"
 
 
-@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 2), ("mistral", 4)])
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 2), ("mistral", 4), ("qwen3", 2)])
 def test_fused_stack_equals_the_transformers_layers(monkeypatch, arch, kv):
     """Prefill and decode steps of a MoA model: fused kernels on vs MOA_FUSED=0, same logits and cache."""
     monkeypatch.setenv("MOA_BACKEND", "triton")

@@ -93,7 +93,7 @@ def separate(monkeypatch) -> None:
     monkeypatch.setattr(model_mod, "joined_linear", lambda linears, x: None)
 
 
-@pytest.mark.parametrize("arch,biases", [("llama", False), ("qwen2", True), ("llama", True)])
+@pytest.mark.parametrize("arch,biases", [("llama", False), ("qwen2", True), ("llama", True), ("qwen3", False)])
 def test_joined_projections_equal_the_separate_ones(monkeypatch, arch, biases):
     moa = tiny_moa(arch, biases)
     with monkeypatch.context() as patch:

@@ -12,7 +12,7 @@ from moa_hub.model_folder import read_model_folder
 from moa_hub.plan import MoaPlan
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
 def exported(request, tmp_path_factory):
     arch = request.param
     dense = build_dense(arch, 2, seed=21)

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
 
 def export_command(
     model: str = typer.Argument(
-        ..., help="Base model folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."
+        ..., help="Base model folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)."
     ),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON file."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write."),
