@@ -43,7 +43,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    StaticCache,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_attention import make_plan  # noqa: E402
@@ -64,6 +73,9 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0),
+    # per-head q / k RMSNorms before RoPE
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0),
     # MHA, as the paper's Vicuna-7B (Llama-2-7B's shape; its 4k positions are not enforced here)
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0),
@@ -95,6 +107,8 @@ def cleanup() -> None:
 
 
 def dense_classes(name: str):
+    if name.startswith("qwen3"):
+        return Qwen3Config, Qwen3ForCausalLM
     return (Qwen2Config, Qwen2ForCausalLM) if name.startswith("qwen") else (LlamaConfig, LlamaForCausalLM)
 
 
@@ -138,7 +152,7 @@ def copy_bandwidth() -> float:
 
 
 def kv_bytes_per_token_dense(config) -> int:
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(DTYPE).bits // 8
 
 
@@ -150,7 +164,7 @@ def kv_bytes_must_read(config, plan: MoaPlan | None, context: int) -> int:
     alpha = torch.tensor(plan.alpha, dtype=torch.float64)
     beta = torch.tensor(plan.beta, dtype=torch.float64)
     slots = int(spans.span_at(context, alpha, beta, plan.sink, plan.min_span).sum())
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return slots * (2 * head_dim * torch.finfo(DTYPE).bits // 8 + 4)
 
 
