@@ -8,8 +8,14 @@ a chunked prefill over a cache, and decode.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .moa_spans import visible_mask
+
+# With gradients, each chunk of queries is recomputed in the backward pass (activation checkpointing), so what
+# autograd keeps is q, k and v, not every chunk's [B, Hq, chunk, Lk] probabilities: the chunk is cut to at most this
+# many scores, and memory no longer grows with the square of the length.
+GRAD_CHUNK_SCORES = 2**25
 
 
 def moa_attention_ref(
@@ -48,13 +54,28 @@ def moa_attention_ref(
     q = query.reshape(bsz, num_kv_heads, group, q_len, head_dim).to(acc_dtype)
     k = key[:, :, None].to(acc_dtype)
     v = value[:, :, None].to(acc_dtype)
-    out = torch.zeros(bsz, num_kv_heads, group, q_len, head_dim, dtype=acc_dtype, device=query.device)
-    for start in range(0, q_len, q_chunk):
-        stop = min(start + q_chunk, q_len)
-        qp = q_pos[:, None, start:stop].expand(bsz, num_kv_heads, stop - start)  # [B, Hkv, Lc]
-        visible = visible_mask(qp, k_pos, alpha, beta, sink, min_span) & (qp >= 0)[..., None]  # [B, Hkv, Lc, Lk]
-        scores = torch.matmul(q[:, :, :, start:stop], k.transpose(-1, -2)) * scale  # [B, Hkv, G, Lc, Lk]
-        scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> zeros
-        out[:, :, :, start:stop] = torch.matmul(probs, v)
+    rule = (k_pos, alpha, beta, sink, min_span, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        q_chunk = max(1, min(q_chunk, GRAD_CHUNK_SCORES // (bsz * num_q_heads * max(1, key.shape[2]))))
+        pieces = [
+            checkpoint(_attend_chunk, q[:, :, :, start : start + q_chunk], k, v, q_pos[:, start : start + q_chunk],
+                       *rule, use_reentrant=False)
+            for start in range(0, q_len, q_chunk)
+        ]  # fmt: skip
+        out = torch.cat(pieces, dim=3) if pieces else q.new_zeros(q.shape)
+    else:
+        out = torch.zeros(bsz, num_kv_heads, group, q_len, head_dim, dtype=acc_dtype, device=query.device)
+        for start in range(0, q_len, q_chunk):
+            stop = min(start + q_chunk, q_len)
+            out[:, :, :, start:stop] = _attend_chunk(q[:, :, :, start:stop], k, v, q_pos[:, start:stop], *rule)
     return out.reshape(bsz, num_q_heads, q_len, head_dim).to(query.dtype)
+
+
+def _attend_chunk(q, k, v, q_pos, k_pos, alpha, beta, sink: int, min_span: int, scale: float) -> torch.Tensor:
+    """One chunk of queries: q [B, Hkv, G, Lc, D], k / v [B, Hkv, 1, Lk, D], q_pos [B, Lc], k_pos [B, Hkv, Lk]."""
+    qp = q_pos[:, None, :].expand(q.shape[0], q.shape[1], q.shape[3])  # [B, Hkv, Lc]
+    visible = visible_mask(qp, k_pos, alpha, beta, sink, min_span) & (qp >= 0)[..., None]  # [B, Hkv, Lc, Lk]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, G, Lc, Lk]
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> zeros
+    return torch.matmul(probs, v)

@@ -19,6 +19,8 @@ import torch
 # try block, so a CPU-only install gets HAS_TRITON = False instead of an error.
 from .moa_cache import MoaCacheLayer
 from .moa_decode import HAS_TRITON as _DECODE_HAS_TRITON
+from .moa_flex import moa_flex_attention
+from .moa_flex import supported as _flex_supported
 from .moa_fused import HAS_TRITON as _FUSED_HAS_TRITON
 from .moa_prefill import HAS_TRITON as _PREFILL_HAS_TRITON
 from .moa_reference import moa_attention_ref
@@ -123,13 +125,7 @@ def moa_attention(
     """
     backend = select_backend(query.device)
     if backend == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        _warn_once(
-            "MoA attention runs its pure-torch reference while gradients are needed (training, fine-tuning): the "
-            "Triton kernels have no backward. It is exact and differentiable, but builds full masks, so memory grows "
-            "with the square of the chunk length. Run inference under torch.no_grad() / inference_mode() to get the "
-            "kernels."
-        )
-        backend = "torch"
+        backend = _backend_with_gradients(query)
     a, b = _rules(alpha, beta, query.device)
     if layer is not None and layer.is_initialized and layer.seq_len > 0 and query.shape[2] == 1:
         fused = fused_kernels(query) if backend == "triton" else None
@@ -148,6 +144,21 @@ def moa_attention(
     return out
 
 
+def _backend_with_gradients(query: torch.Tensor) -> str:
+    """The Triton kernels have no backward: a prefill with gradients runs FlexAttention where it can (moa_flex.py),
+    anything else the pure-torch reference."""
+    if _flex_supported(query):
+        return "flex"
+    _warn_once(
+        "MoA attention runs its pure-torch reference while gradients are needed (training, fine-tuning): the Triton "
+        "kernels have no backward, and FlexAttention does not serve this case (it needs CUDA, torch >= 2.5, a head "
+        "size of 16-256 that is a power of two, and MOA_FLEX not 0). The reference is exact and recomputes each chunk "
+        "of queries in the backward pass (memory linear in the length), but it computes every query-key score. Run "
+        "inference under torch.no_grad() / inference_mode() to get the kernels."
+    )
+    return "torch"
+
+
 def prepare_decode(layer: MoaCacheLayer, num_q_heads: int, alpha: list[float], beta: list[float], sink: int,
                    min_span: int) -> None:  # fmt: skip
     """Fill the memos that the next one-token ``moa_attention`` over ``layer`` reads on the Triton backend
@@ -162,6 +173,8 @@ def prepare_decode(layer: MoaCacheLayer, num_q_heads: int, alpha: list[float], b
 
 
 def _prefill(query, key, value, q_pos, a, b, sink, min_span, scale, backend):
+    if backend == "flex":
+        return moa_flex_attention(query, key, value, q_pos, a, b, sink, min_span, scale)
     if backend == "triton":
         return _triton_kernels()[0].moa_prefill(query, key, value, q_pos, a, b, sink, min_span, scale=scale)
     return moa_attention_ref(query, key, value, q_pos, q_pos, a, b, sink, min_span, scale=scale)
