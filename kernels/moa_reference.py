@@ -56,6 +56,9 @@ def moa_attention_ref(
     v = value[:, :, None].to(acc_dtype)
     rule = (k_pos, alpha, beta, sink, min_span, scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        # checkpoint() saves every tensor input: copies, since positions or rules made under inference_mode()
+        # (the plan's device tensors are made once and kept) cannot be saved for backward
+        q_pos, rule = q_pos.clone(), (*(t.clone() for t in rule[:3]), *rule[3:])
         q_chunk = max(1, min(q_chunk, GRAD_CHUNK_SCORES // (bsz * num_q_heads * max(1, key.shape[2]))))
         pieces = [
             checkpoint(_attend_chunk, q[:, :, :, start : start + q_chunk], k, v, q_pos[:, start : start + q_chunk],
