@@ -80,7 +80,8 @@ def block_mask(q_pos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sin
     group = num_q_heads // alpha.shape[0]
 
     def build():
-        top = int(q_pos.max()) + 1 if q_pos.numel() else 1  # positions may start past 0 (a chunk scored alone)
+        # positions may start past 0 (a chunk scored alone): one host sync per layer and forward, while training
+        top = int(q_pos.max()) + 1 if q_pos.numel() else 1
         edges = window_edges(alpha, beta, sink, min_span, max(top, 1))
         partial, full = block_tables(q_pos, edges, sink)
         tables = [t.repeat_interleave(group, dim=1) for t in (*_ordered(partial), *_ordered(full))]

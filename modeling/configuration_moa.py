@@ -38,8 +38,8 @@ def sliding_window_in(config: dict) -> tuple[int, str] | None:
     key that sets it; None where every layer attends to the whole causal prefix (the attention MoA replaces).
 
     Mistral: ``sliding_window`` on every layer (4096 in Mistral-7B-v0.1 and its fine-tunes; null from v0.2 on).
-    Qwen2 and Qwen3: only with ``use_sliding_window``, on the layers ``layer_types`` (or ``max_window_layers``) marks. A window
-    at least ``max_position_embeddings`` long limits nothing.
+    Qwen2 and Qwen3: only with ``use_sliding_window``, on the layers ``layer_types`` (or ``max_window_layers``) marks.
+    A window at least ``max_position_embeddings`` long limits nothing.
     """
     window = config.get("sliding_window")
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
